@@ -1,0 +1,5 @@
+import sys
+
+from mailpipe.cli import main
+
+sys.exit(main())
