@@ -1,0 +1,15 @@
+"""The backup engine: one mailbox (and many concurrently), with no knowledge of Dagster."""
+
+from mailpipe.backup.api import (
+    Discovery,
+    MailboxRef,
+    MailboxResult,
+    SkippedUser,
+    backup_mailboxes,
+    discover_mailboxes,
+    run,
+)
+
+__all__ = [
+    "Discovery", "MailboxRef", "MailboxResult", "SkippedUser", "backup_mailboxes", "discover_mailboxes", "run",
+]

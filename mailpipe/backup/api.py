@@ -1,0 +1,105 @@
+"""The backup engine's public API: what the Dagster layer and the CLI call.
+
+The engine knows nothing of Dagster. It backs up mailboxes of one tenant concurrently and returns one
+:class:`MailboxResult` per mailbox; a mailbox that fails does so alone (``ok=False`` with a reason), its
+stored progress kept for the next attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from mailpipe.config import TenantConfig
+
+
+@dataclass(frozen=True)
+class MailboxRef:
+    user_id: str  # Entra object id: the repository directory
+    upn: str      # lower-cased user principal name: the partition key's second half
+
+
+@dataclass(frozen=True)
+class SkippedUser:
+    upn: str
+    user_id: str
+    reason: str  # e.g. "no mailbox (MailboxNotEnabledForRESTAPI)"
+
+
+@dataclass(frozen=True)
+class Discovery:
+    mailboxes: list[MailboxRef]  # sorted by upn, filtered by the tenant's include/exclude globs
+    skipped: list[SkippedUser]
+
+
+@dataclass
+class MailboxResult:
+    """The outcome of backing up one mailbox; the figures are what the Dagster layer publishes."""
+
+    upn: str
+    user_id: str | None = None
+    ok: bool = False
+    error: str | None = None        # one clear line when ok is False
+    error_kind: str | None = None   # transient | throttled | no-mailbox | forbidden | not-found | permanent
+    snapshot_id: str | None = None
+    committed_at: datetime | None = None
+    already_committed: bool = False  # skipped because a snapshot was committed after `skip_if_committed_since`
+    items_total: int = 0
+    items_new: int = 0
+    items_changed: int = 0
+    items_removed: int = 0
+    items_skipped: int = 0
+    items_reused: int = 0            # items whose content came from a previous snapshot or checkpoint
+    bytes_fetched: int = 0           # MIME bytes downloaded from Graph
+    bytes_stored_new: int = 0        # compressed bytes newly written to the repository
+    requests: int = 0                # Graph requests sent
+    throttled: int = 0               # 429 responses received
+    seconds: float = 0.0
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # [{item_id, folder_path, reason}]
+
+    def metrics(self) -> dict[str, int | float]:
+        """The numeric figures, for metadata that the UI plots over time."""
+        return {
+            k: v for k, v in asdict(self).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+
+
+ProgressCallback = Callable[[str, dict[str, Any]], None]  # (upn, figures so far)
+
+
+async def discover_mailboxes(tenant: TenantConfig) -> Discovery:
+    """List the tenant's mailboxes (Graph ``/users``), filtered by the tenant's globs."""
+    from mailpipe.backup.engine import discover
+
+    return await discover(tenant)
+
+
+async def backup_mailboxes(
+    tenant: TenantConfig,
+    upns: Sequence[str],
+    *,
+    skip_if_committed_since: datetime | None = None,
+    progress: ProgressCallback | None = None,
+    max_parallel_mailboxes: int | None = None,
+) -> list[MailboxResult]:
+    """Back up ``upns`` of ``tenant`` concurrently; one result per upn, in the same order.
+
+    ``skip_if_committed_since``: a mailbox whose latest snapshot was committed at or after this time is
+    not backed up again (its result has ``already_committed=True`` and that snapshot's figures) — how a
+    retried batch run skips what it already did.
+    """
+    from mailpipe.backup.engine import backup_many
+
+    return await backup_many(
+        tenant, list(upns), skip_if_committed_since=skip_if_committed_since, progress=progress,
+        max_parallel_mailboxes=max_parallel_mailboxes,
+    )
+
+
+def run(coro):
+    """Run an engine coroutine from synchronous code (Dagster ops, the CLI)."""
+    return asyncio.run(coro)
