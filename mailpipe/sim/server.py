@@ -1,0 +1,591 @@
+"""The simulator's HTTP server: Graph v1.0 mail routes, OAuth routes, faults, limits and /_sim admin.
+
+Routing is done by hand on a normalised path (``//`` collapsed, ``mailfolders('id')`` → ``mailfolders/id``,
+``delta()`` → ``delta``, keywords case-insensitive) because that is what Graph accepts and what the SDK
+and real nextLinks send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import email.policy
+import hashlib
+import json
+import random
+import re
+import secrets
+import time
+from collections import defaultdict, deque
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+from urllib.parse import quote
+
+from aiohttp import web
+
+from mailpipe.sim.model import Mailbox, Msg, NotFound, TenantModel, TokenError
+
+
+@dataclass
+class FaultConfig:
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    p_429: float = 0.0
+    retry_after_s: float = 1.0
+    p_503: float = 0.0
+    p_504: float = 0.0
+    p_reset: float = 0.0
+    p_slow_body: float = 0.0
+    slow_body_ms: float = 500.0
+    p_empty_page: float = 0.0
+    fail_messages: dict[str, int] = field(default_factory=dict)  # immutable id -> status, forever
+    fail_users: dict[str, int] = field(default_factory=dict)     # upn -> status for every mail endpoint
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FaultConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown fault option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+@dataclass
+class LimitConfig:
+    concurrent_per_mailbox: int = 4
+    window_requests: int = 10000
+    window_seconds: float = 600.0
+    max_page_size: int = 1000
+    default_page_size: int = 10
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LimitConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown limit option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+class _Reset(Exception):
+    """Injected fault: drop the connection without a response."""
+
+
+def graph_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"error": {"code": code, "message": message,
+                      "innerError": {"request-id": secrets.token_hex(8), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+class _MailboxCounters:
+    __slots__ = ("inflight", "max_seen", "window")
+
+    def __init__(self) -> None:
+        self.inflight = 0
+        self.max_seen = 0
+        self.window: deque[float] = deque()
+
+
+class SimServer:
+    """The aiohttp application around a :class:`TenantModel`."""
+
+    def __init__(self, model: TenantModel, faults: FaultConfig, limits: LimitConfig, *, oauth: bool,
+                 clients: dict[str, str], token_lifetime_s: int, base_url: str = "") -> None:
+        self.model = model
+        self.faults = faults
+        self.limits = limits
+        self.oauth = oauth
+        self.clients = clients
+        self.token_lifetime_s = token_lifetime_s
+        self.base_url = base_url
+        self.rng = random.Random(model.cfg.seed ^ 0x5EED)
+        self.tokens: dict[str, float] = {}  # issued access token -> expiry (monotonic)
+        self.last_request = time.monotonic()
+        self.counters: dict[str, _MailboxCounters] = defaultdict(_MailboxCounters)
+        self.reset_stats()
+        self.app = web.Application(client_max_size=4 * 1024 * 1024)
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+
+    # stats --------------------------------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        self.requests: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.throttled: dict[str, int] = defaultdict(int)
+        self.injected: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.bytes_served: dict[str, int] = defaultdict(int)
+        self.mime_downloads: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.total = 0
+        for c in getattr(self, "counters", {}).values():
+            c.max_seen = c.inflight
+
+    def stats(self) -> dict[str, Any]:
+        upn = {u.id: u.upn for u in self.model.users}
+        return {
+            "total_requests": self.total,
+            "requests": {upn.get(k, k): dict(v) for k, v in self.requests.items()},
+            "max_concurrency": {upn.get(k, k): c.max_seen for k, c in self.counters.items()},
+            "throttled": {upn.get(k, k): v for k, v in self.throttled.items()},
+            "faults_injected": {upn.get(k, k): dict(v) for k, v in self.injected.items()},
+            "bytes_served": {upn.get(k, k): v for k, v in self.bytes_served.items()},
+            "mime_downloads": {upn.get(k, k): dict(v) for k, v in self.mime_downloads.items()},
+        }
+
+    # entry point --------------------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.last_request = time.monotonic()
+        raw = request.rel_url.raw_path
+        path = re.sub(r"/+", "/", raw)
+        path = re.sub(r"\('([^']*)'\)", lambda m: "/" + m.group(1), path)
+        path = re.sub(r"(?i)/delta\(\)", "/delta", path).rstrip("/")
+        segs = [quote_unescape(s) for s in path.split("/")[1:]]
+        try:
+            if segs and segs[0] == "_sim":
+                return await self.admin(request, segs[1:])
+            if segs and segs[0].lower() == "v1.0":
+                return await self.graph(request, segs[1:])
+            if len(segs) >= 2 and segs[-3:] == ["oauth2", "v2.0", "token"] and self.oauth:
+                return await self.token(request)
+            if len(segs) >= 3 and segs[-2:] == [".well-known", "openid-configuration"] and self.oauth:
+                return self.openid(request, segs[0])
+            return graph_error(404, "UnknownPath", f"no such route: {request.method} {raw}")
+        except _Reset:
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError() from None
+
+    # OAuth --------------------------------------------------------------------------------------------
+    def _issuer(self, tenant: str) -> str:
+        return f"{self.base_url}/{tenant}/v2.0"
+
+    def openid(self, request: web.Request, tenant: str) -> web.Response:
+        b = self.base_url
+        return web.json_response({
+            "token_endpoint": f"{b}/{tenant}/oauth2/v2.0/token",
+            "authorization_endpoint": f"{b}/{tenant}/oauth2/v2.0/authorize",
+            "issuer": self._issuer(tenant), "jwks_uri": f"{b}/{tenant}/discovery/v2.0/keys",
+            "token_endpoint_auth_methods_supported": ["client_secret_post", "private_key_jwt"],
+            "response_types_supported": ["code", "token"], "subject_types_supported": ["pairwise"],
+            "id_token_signing_alg_values_supported": ["RS256"], "tenant_region_scope": "EU",
+        })
+
+    async def token(self, request: web.Request) -> web.Response:
+        form = await request.post()
+        self.requests["_tenant"]["token"] += 1
+        cid, secret = form.get("client_id", ""), form.get("client_secret", "")
+        if form.get("grant_type") != "client_credentials" or cid not in self.clients \
+                or not secrets.compare_digest(str(self.clients[cid]), str(secret)):
+            return web.json_response({
+                "error": "invalid_client",
+                "error_description": "AADSTS7000215: Invalid client secret provided. Ensure the secret being "
+                                     "sent in the request is the client secret value, not the client secret ID.",
+                "error_codes": [7000215]}, status=401)
+        tok = "simtok." + secrets.token_urlsafe(24)
+        self.tokens[tok] = time.monotonic() + self.token_lifetime_s
+        return web.json_response({"token_type": "Bearer", "expires_in": self.token_lifetime_s,
+                                  "ext_expires_in": self.token_lifetime_s, "access_token": tok})
+
+    def revoke_tokens(self) -> None:
+        self.tokens.clear()
+
+    def _authorized(self, request: web.Request) -> bool:
+        auth = request.headers.get("Authorization", "")
+        if not auth.startswith("Bearer ") or len(auth) < 8:
+            return False
+        if not self.oauth:
+            return True
+        exp = self.tokens.get(auth[7:])
+        return exp is not None and exp > time.monotonic()
+
+    # Graph --------------------------------------------------------------------------------------------
+    async def graph(self, request: web.Request, segs: list[str]) -> web.StreamResponse:
+        if not self._authorized(request):
+            return graph_error(401, "InvalidAuthenticationToken", "Access token is empty, expired or invalid.")
+        low = [s.lower() for s in segs]
+        if not low or low[0] != "users":
+            return graph_error(400, "BadRequest", "Resource not found for the segment.")
+        if len(segs) == 1:
+            self.requests["_tenant"]["users"] += 1
+            self.total += 1
+            return self.list_users(request)
+        try:
+            user = self.model.user(segs[1])
+        except NotFound:
+            self.total += 1
+            return graph_error(404, "Request_ResourceNotFound", f"Resource '{segs[1]}' does not exist.")
+        if len(segs) == 2:
+            self.requests["_tenant"]["users"] += 1
+            self.total += 1
+            return web.json_response(self.user_json(user, request.query.get("$select")))
+        kind = _kind(low[2:])
+        self.total += 1
+        self.requests[user.id][kind] += 1
+        mb = self.model.mailboxes.get(user.id)
+        if mb is None:
+            return graph_error(404, "MailboxNotEnabledForRESTAPI", "The mailbox is either inactive, soft-deleted, "
+                                                                   "or is hosted on-premise.")
+        # per-mailbox limits, as Exchange enforces them (counted before admission: what clients attempted)
+        c = self.counters[user.id]
+        c.inflight += 1
+        c.max_seen = max(c.max_seen, c.inflight)
+        try:
+            now = time.monotonic()
+            win = c.window
+            while win and win[0] <= now - self.limits.window_seconds:
+                win.popleft()
+            if c.inflight > self.limits.concurrent_per_mailbox:
+                self.throttled[user.id] += 1
+                return graph_error(429, "ApplicationThrottled",
+                                   "Application is over its MailboxConcurrency limit.", {"Retry-After": "1"})
+            if len(win) >= self.limits.window_requests:
+                self.throttled[user.id] += 1
+                wait = max(1, int(win[0] + self.limits.window_seconds - now + 0.999))
+                return graph_error(429, "ApplicationThrottled", "Application is over its MailboxRequests limit.",
+                                   {"Retry-After": str(wait)})
+            win.append(now)
+            f = self.faults
+            if f.latency_ms or f.jitter_ms:
+                await asyncio.sleep(max(0.0, f.latency_ms + self.rng.uniform(-f.jitter_ms, f.jitter_ms)) / 1000)
+            if user.upn in f.fail_users:
+                st = int(f.fail_users[user.upn])
+                self.injected[user.id][str(st)] += 1
+                return graph_error(st, "ErrorInternalServerError" if st >= 500 else "ErrorAccessDenied",
+                                   "Injected failure for this mailbox.")
+            r = self.rng.random()
+            for p, what in ((f.p_429, "429"), (f.p_503, "503"), (f.p_504, "504"), (f.p_reset, "reset")):
+                if r < p:
+                    self.injected[user.id][what] += 1
+                    if what == "429":
+                        self.throttled[user.id] += 1
+                        return graph_error(429, "ApplicationThrottled", "Application is over its MailboxConcurrency "
+                                           "limit.", {"Retry-After": f"{f.retry_after_s:g}"})
+                    if what == "503":
+                        return graph_error(503, "ServiceUnavailable", "The service is temporarily unavailable.")
+                    if what == "504":
+                        return graph_error(504, "GatewayTimeout", "The gateway timed out.")
+                    raise _Reset()
+                r -= p
+            return await self.mailbox_route(request, mb, segs[2:], low[2:])
+        finally:
+            c.inflight -= 1
+
+    def list_users(self, request: web.Request) -> web.Response:
+        top = min(int(request.query.get("$top", "100")), 999)
+        skip = int(request.query.get("$skiptoken", "0") or 0)
+        sel = request.query.get("$select")
+        users = self.model.users[skip:skip + top]
+        body: dict[str, Any] = {"@odata.context": f"{self.base_url}/v1.0/$metadata#users",
+                                "value": [self.user_json(u, sel) for u in users]}
+        if skip + top < len(self.model.users):
+            q = f"$top={top}&$skiptoken={skip + top}" + (f"&$select={quote(sel)}" if sel else "")
+            body["@odata.nextLink"] = f"{self.base_url}/v1.0/users?{q}"
+        return web.json_response(body)
+
+    def user_json(self, u: Any, select: str | None) -> dict[str, Any]:
+        d = {"id": u.id, "userPrincipalName": u.upn, "displayName": u.display_name,
+             "mail": u.upn if u.kind != "nomailbox" else None, "accountEnabled": u.kind != "shared",
+             "userType": "Member"}
+        return _select(d, select)
+
+    async def mailbox_route(self, request: web.Request, mb: Mailbox, segs: list[str], low: list[str]):
+        immutable = "immutableid" in request.headers.get("Prefer", "").lower()
+        try:
+            if low[:1] == ["mailfolders"]:
+                if len(segs) == 1:
+                    return self.folder_list(request, mb, mb.root_id)
+                if low[1] == "delta" and len(segs) == 2:
+                    return self.folder_delta(request, mb)
+                fid = mb.folder_id(segs[1])
+                if len(segs) == 2:
+                    return web.json_response(mb.folder_json(mb.folders[fid], mb.folder_counts()))
+                if low[2] == "childfolders" and len(segs) == 3:
+                    return self.folder_list(request, mb, fid)
+                if low[2] == "messages":
+                    if len(segs) == 4 and low[3] == "delta":
+                        return await self.message_delta(request, mb, fid, immutable)
+                    if len(segs) == 3:
+                        return self.message_list(request, mb, fid, immutable)
+                    return await self.message_route(request, mb, segs[3:], low[3:], immutable)
+            if low[:1] == ["messages"] and len(segs) >= 2:
+                return await self.message_route(request, mb, segs[1:], low[1:], immutable)
+        except NotFound as e:
+            return graph_error(404, "ErrorItemNotFound", f"The specified object was not found in the store. ({e})")
+        return graph_error(400, "BadRequest", "Unsupported segment.")
+
+    # folders --------------------------------------------------------------------------------------------
+    def folder_list(self, request: web.Request, mb: Mailbox, parent: str) -> web.Response:
+        top = min(int(request.query.get("$top", "10")), 999)
+        skip = int(request.query.get("$skip", "0") or 0)
+        with mb.lock:
+            kids = sorted(mb.children(parent), key=lambda f: f.id)
+            counts = mb.folder_counts()
+            page = [_select(mb.folder_json(f, counts), request.query.get("$select")) for f in kids[skip:skip + top]]
+        body: dict[str, Any] = {"value": page}
+        if skip + top < len(kids):
+            body["@odata.nextLink"] = f"{self.base_url}{request.path}?$top={top}&$skip={skip + top}"
+        return web.json_response(body)
+
+    def folder_delta(self, request: web.Request, mb: Mailbox) -> web.Response:
+        tok = request.query.get("$deltatoken") or request.query.get("$skiptoken")
+        try:
+            state = self.model.decode_token(mb, "__folders__", tok) if tok else None
+        except TokenError as e:
+            return self._sync_state_not_found(e)
+        with mb.lock:
+            changed, gone, nxt = mb.folder_delta(state)
+            counts = mb.folder_counts()
+            value = [mb.folder_json(f, counts) for f in changed]
+        value += [{"id": fid, "@removed": {"reason": "deleted"}} for fid in gone]
+        link = self.model.encode_token(mb, "__folders__", nxt, True)
+        return web.json_response({
+            "value": value,
+            "@odata.deltaLink": f"{self.base_url}/v1.0/users/{mb.user.id}/mailFolders/delta()?$deltatoken={link}",
+        })
+
+    # messages -------------------------------------------------------------------------------------------
+    def _rest_id(self, m: Msg, immutable: bool) -> str:
+        if immutable:
+            return m.id
+        return hashlib.sha256(m.folder.encode()).hexdigest()[:8] + "." + m.id
+
+    def _resolve(self, mb: Mailbox, mid: str) -> Msg:
+        with mb.lock:
+            if "." in mid:
+                fh, imm = mid.split(".", 1)
+                m = mb.msgs.get(imm)
+                if m is None or hashlib.sha256(m.folder.encode()).hexdigest()[:8] != fh:
+                    raise NotFound(mid)  # a moved message's old REST id is gone
+                return m
+            m = mb.msgs.get(mid)
+            if m is None:
+                raise NotFound(mid)
+            return m
+
+    def _sync_state_not_found(self, e: Exception) -> web.Response:
+        return graph_error(410, "SyncStateNotFound", f"The sync state could not be found ({e}); "
+                           "restart the synchronization from an empty token.",
+                           {"Location": f"{self.base_url}/v1.0/"})
+
+    def _page_size(self, request: web.Request) -> int:
+        n = self.limits.default_page_size
+        m = re.search(r"odata\.maxpagesize=(\d+)", request.headers.get("Prefer", ""), re.I)
+        if m:
+            n = int(m.group(1))
+        elif request.query.get("$top"):
+            n = int(request.query["$top"])
+        return max(1, min(n, self.limits.max_page_size))
+
+    async def message_delta(self, request: web.Request, mb: Mailbox, fid: str, immutable: bool) -> web.Response:
+        tok = request.query.get("$skiptoken") or request.query.get("$deltatoken")
+        select = request.query.get("$select")
+        state = None
+        if tok:
+            try:
+                body = self.model.decode_token(mb, fid, tok)
+            except TokenError as e:
+                return self._sync_state_not_found(e)
+            immutable = bool(body.pop("i")) or immutable
+            select = body.pop("s", None)
+            state = {k: body[k] for k in ("w", "hi", "ph", "c") if k in body}
+        base = f"{self.base_url}/v1.0/users/{mb.user.id}/mailFolders('{fid}')/messages/delta()"
+        if state is not None and "hi" in state and self.rng.random() < self.faults.p_empty_page:
+            nxt = self.model.encode_token(mb, fid, {**state, **({"s": select} if select else {})}, immutable)
+            self.injected[mb.user.id]["empty_page"] += 1
+            return web.json_response({"value": [], "@odata.nextLink": f"{base}?$skiptoken={nxt}"})
+        with mb.lock:
+            upserts, removed, nxt_state = mb.delta_page(fid, state, self._page_size(request))
+            value = [_select(mb.message_json(m, self._rest_id(m, immutable)), select, keep=("id",))
+                     for m in upserts]
+        value += [{"id": self._rest_id_removed(mid, immutable), "@removed": {"reason": "deleted"}} for mid in removed]
+        extra = {"s": select} if select else {}
+        link = self.model.encode_token(mb, fid, {**nxt_state, **extra}, immutable)
+        out: dict[str, Any] = {"@odata.context": f"{self.base_url}/v1.0/$metadata#Collection(message)", "value": value}
+        if "hi" in nxt_state:
+            out["@odata.nextLink"] = f"{base}?$skiptoken={link}"
+        else:
+            out["@odata.deltaLink"] = f"{base}?$deltatoken={link}"
+        return web.json_response(out)
+
+    def _rest_id_removed(self, mid: str, immutable: bool) -> str:
+        return mid  # Graph reports removals with the id the client knew; with immutable ids that is this one
+
+    def message_list(self, request: web.Request, mb: Mailbox, fid: str, immutable: bool) -> web.Response:
+        top = min(int(request.query.get("$top", "10")), 1000)
+        skip = int(request.query.get("$skip", "0") or 0)
+        with mb.lock:
+            msgs = sorted((m for m in mb.msgs.values() if m.folder == fid), key=lambda m: (m.received, m.id),
+                          reverse=True)
+            page = [mb.message_json(m, self._rest_id(m, immutable)) for m in msgs[skip:skip + top]]
+        body: dict[str, Any] = {"value": page}
+        if skip + top < len(msgs):
+            body["@odata.nextLink"] = f"{self.base_url}{request.path}?$top={top}&$skip={skip + top}"
+        return web.json_response(body)
+
+    async def message_route(self, request: web.Request, mb: Mailbox, segs: list[str], low: list[str],
+                            immutable: bool) -> web.StreamResponse:
+        m = self._resolve(mb, segs[0])
+        if m.id in self.faults.fail_messages:
+            st = int(self.faults.fail_messages[m.id])
+            return graph_error(st, "ErrorCorruptData" if st >= 500 else "ErrorAccessDenied",
+                               "Injected permanent failure for this item.")
+        if len(segs) == 1:
+            return web.json_response(_select(mb.message_json(m, self._rest_id(m, immutable)),
+                                             request.query.get("$select")))
+        if low[1] == "$value" and len(segs) == 2:
+            data = await asyncio.get_running_loop().run_in_executor(None, mb.mime, m) \
+                if m.huge else mb.mime(m)
+            self.mime_downloads[mb.user.id][m.id] += 1
+            return await self._send_bytes(request, mb, data, "text/plain")
+        if low[1] == "attachments":
+            atts = _attachments(mb.mime(m))
+            if len(segs) == 2:
+                return web.json_response({"value": [_att_json(i, a, with_bytes=len(a[2]) < 3_000_000)
+                                                    for i, a in enumerate(atts)]})
+            idx = _att_index(segs[2], len(atts))
+            if len(segs) == 3:
+                return web.json_response(_att_json(idx, atts[idx], with_bytes=True))
+            if len(segs) == 4 and low[3] == "$value":
+                return await self._send_bytes(request, mb, atts[idx][2], atts[idx][1])
+        return graph_error(400, "BadRequest", "Unsupported segment.")
+
+    async def _send_bytes(self, request: web.Request, mb: Mailbox, data: bytes, ctype: str) -> web.StreamResponse:
+        self.bytes_served[mb.user.id] += len(data)
+        f = self.faults
+        slow = f.p_slow_body and self.rng.random() < f.p_slow_body
+        if not slow and len(data) < 4 * 1024 * 1024:
+            return web.Response(body=data, content_type=ctype)
+        resp = web.StreamResponse(headers={"Content-Type": ctype, "Content-Length": str(len(data))})
+        await resp.prepare(request)
+        pieces = 10 if slow else max(1, len(data) // (1024 * 1024))
+        step = max(1, -(-len(data) // pieces))
+        if slow:
+            self.injected[mb.user.id]["slow_body"] += 1
+        for i in range(0, len(data), step):
+            await resp.write(data[i:i + step])
+            if slow:
+                await asyncio.sleep(f.slow_body_ms / 1000 / pieces)
+        await resp.write_eof()
+        return resp
+
+    # admin ------------------------------------------------------------------------------------------------
+    async def admin(self, request: web.Request, segs: list[str]) -> web.StreamResponse:
+        what = "/".join(segs)
+        body = await request.json() if request.method == "POST" and request.can_read_body else {}
+        try:
+            if what == "stats" and request.method == "GET":
+                return web.json_response(self.stats())
+            if what == "stats/reset":
+                self.reset_stats()
+                return web.json_response({"ok": True})
+            if what == "truth":
+                loop = asyncio.get_running_loop()
+                user = request.query.get("user")
+                hashes = request.query.get("hashes", "1") != "0"
+                return web.json_response(await loop.run_in_executor(None, self.model.truth, user, hashes))
+            if segs[:1] == ["mime"] and len(segs) == 3:
+                mb = self.model.mailbox(segs[1])
+                m = mb.msgs.get(segs[2])
+                if m is None:
+                    raise NotFound(segs[2])
+                return web.Response(body=mb.mime(m), content_type="message/rfc822")
+            if what == "mutate":
+                mb = self.model.mailbox(body["user"])
+                ops = body.get("ops") or mb.random_ops(int(body.get("random", 0)), int(body.get("seed", 0)))
+                applied = self.model.mutate(body["user"], ops)
+                return web.json_response({"applied": applied, "ops": ops})
+            if what == "faults":
+                self.faults = FaultConfig.from_dict(body)
+                return web.json_response(asdict(self.faults))
+            if what == "limits":
+                self.limits = LimitConfig.from_dict(body)
+                return web.json_response(asdict(self.limits))
+            if what == "expire_delta_tokens":
+                self.model.mutate(body["user"], [{"op": "expire_delta_tokens"}])
+                return web.json_response({"ok": True})
+            if what == "revoke_tokens":
+                self.revoke_tokens()
+                return web.json_response({"ok": True})
+            if what == "config":
+                return web.json_response({"tenant": self.model.cfg.tenant, "tenant_id": self.model.tenant_id,
+                                          "users": [asdict(u) for u in self.model.users]})
+        except NotFound as e:
+            return web.json_response({"error": f"not found: {e}"}, status=404)
+        except (KeyError, ValueError, TypeError) as e:
+            return web.json_response({"error": f"bad request: {e}"}, status=400)
+        return web.json_response({"error": f"no admin route {request.method} /_sim/{what}"}, status=404)
+
+
+def quote_unescape(s: str) -> str:
+    from urllib.parse import unquote
+
+    return unquote(s)
+
+
+def _kind(low: list[str]) -> str:
+    if not low:
+        return "other"
+    if low[0] == "mailfolders":
+        if len(low) >= 2 and low[1] == "delta":
+            return "folder_delta"
+        if "messages" in low:
+            i = low.index("messages")
+            rest = low[i + 1:]
+            if rest == ["delta"]:
+                return "delta"
+            low = ["messages", *rest]
+        else:
+            return "folders"
+    if low[0] == "messages":
+        if len(low) >= 3 and low[2] == "attachments":
+            return "attachments"
+        if len(low) >= 3 and low[2] == "$value":
+            return "mime"
+        return "message"
+    return "other"
+
+
+def _select(d: dict[str, Any], select: str | None, keep: tuple[str, ...] = ("id",)) -> dict[str, Any]:
+    if not select:
+        return d
+    want = {s.strip() for s in select.split(",")} | set(keep)
+    return {k: v for k, v in d.items() if k in want or k.startswith("@")}
+
+
+def _attachments(data: bytes) -> list[tuple[str, str, bytes, bool, str | None]]:
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    out = []
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        disp = (part.get("Content-Disposition") or "").lower()
+        if not disp.startswith(("attachment", "inline")):
+            continue
+        if part.get_content_type() == "message/rfc822":
+            payload = part.get_payload()
+            raw = payload[0].as_bytes() if isinstance(payload, list) else bytes(str(payload), "utf-8")
+        else:
+            raw = part.get_payload(decode=True) or b""
+        cid = part.get("Content-ID")
+        out.append((part.get_filename() or "attachment", part.get_content_type(), raw, disp.startswith("inline"),
+                    cid.strip("<>") if cid else None))
+    return out
+
+
+def _att_index(aid: str, n: int) -> int:
+    m = re.fullmatch(r"AAMkATT(\d+)=", aid)
+    if not m or int(m.group(1)) >= n:
+        raise NotFound(aid)
+    return int(m.group(1))
+
+
+def _att_json(i: int, a: tuple[str, str, bytes, bool, str | None], with_bytes: bool) -> dict[str, Any]:
+    name, ctype, raw, inline, cid = a
+    d: dict[str, Any] = {
+        "@odata.type": "#microsoft.graph.itemAttachment" if ctype == "message/rfc822"
+        else "#microsoft.graph.fileAttachment",
+        "id": f"AAMkATT{i}=", "name": name, "contentType": ctype, "size": len(raw), "isInline": inline,
+    }
+    if d["@odata.type"].endswith("fileAttachment"):
+        d["contentId"] = cid
+        if with_bytes:
+            d["contentBytes"] = base64.b64encode(raw).decode()
+    return d
