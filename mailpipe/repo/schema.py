@@ -1,0 +1,73 @@
+"""The Parquet schemas of the repository (the one place they are defined)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+TS = pa.timestamp("us", tz="UTC")
+
+MANIFEST = pa.schema([
+    pa.field("item_id", pa.string(), nullable=False),   # immutable Graph id
+    pa.field("folder_id", pa.string(), nullable=False),
+    pa.field("folder_path", pa.list_(pa.string())),     # display names from the root
+    pa.field("internet_message_id", pa.string()),
+    pa.field("subject", pa.string()),
+    pa.field("sender", pa.string()),
+    pa.field("received_at", TS),
+    pa.field("last_modified_at", TS),
+    pa.field("created_at", TS),
+    pa.field("change_key", pa.string()),
+    pa.field("is_read", pa.bool_()),
+    pa.field("is_draft", pa.bool_()),
+    pa.field("flag_status", pa.string()),
+    pa.field("categories", pa.list_(pa.string())),
+    pa.field("has_attachments", pa.bool_()),
+    pa.field("size", pa.int64(), nullable=False),       # MIME bytes
+    pa.field("sha256", pa.string(), nullable=False),    # of the whole MIME
+    pa.field("chunks", pa.list_(pa.string()), nullable=False),  # ordered chunk hashes
+    pa.field("first_snapshot_id", pa.string()),         # the snapshot that first stored this content
+], metadata={"mailpipe.table": "manifest", "mailpipe.version": "1"})
+
+FOLDERS = pa.schema([
+    pa.field("folder_id", pa.string(), nullable=False),
+    pa.field("parent_id", pa.string()),
+    pa.field("display_name", pa.string()),
+    pa.field("path", pa.list_(pa.string())),
+    pa.field("total_item_count", pa.int64()),
+], metadata={"mailpipe.table": "folders", "mailpipe.version": "1"})
+
+CHECKPOINT = pa.schema([
+    pa.field("item_id", pa.string(), nullable=False),
+    pa.field("change_key", pa.string()),
+    pa.field("is_draft", pa.bool_()),
+    pa.field("sha256", pa.string(), nullable=False),
+    pa.field("chunks", pa.list_(pa.string()), nullable=False),
+    pa.field("size", pa.int64(), nullable=False),
+], metadata={"mailpipe.table": "checkpoint", "mailpipe.version": "1"})
+
+
+def _ts(v: Any) -> datetime | None:
+    if v is None or v == "":
+        return None
+    if isinstance(v, str):
+        v = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    if v.tzinfo is None:
+        v = v.replace(tzinfo=timezone.utc)
+    return v
+
+
+def to_batch(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.RecordBatch:
+    """Rows (dicts) → a record batch of ``schema``; missing optional columns are null."""
+    cols = {}
+    for f in schema:
+        vals = [r.get(f.name) for r in rows]
+        if not f.nullable and any(v is None for v in vals):
+            raise ValueError(f"{schema.metadata.get(b'mailpipe.table', b'?').decode()}: column {f.name!r} "
+                             "must not be null")
+        if f.type == TS:
+            vals = [_ts(v) for v in vals]
+        cols[f.name] = pa.array(vals, type=f.type)
+    return pa.RecordBatch.from_pydict(cols, schema=schema)
