@@ -1,0 +1,75 @@
+"""Shared fixtures: the Graph simulator, an S3-compatible server (moto) and tenant configs, on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+from mailpipe.config import AuthConfig, Limits, S3Config, TenantConfig
+
+# nothing in the tests may reach a real service: proxies off for loopback, fake AWS credentials
+os.environ.setdefault("NO_PROXY", "127.0.0.1,localhost")
+os.environ["no_proxy"] = os.environ["NO_PROXY"]
+for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
+             "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ[k] = v
+os.environ.pop("AWS_PROFILE", None)
+os.environ.pop("MAILPIPE_TENANTS", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_tenant(sim, storage: str, *, name: str = "t1", s3: S3Config | None = None,
+                limits: Limits | None = None, **kw) -> TenantConfig:
+    return TenantConfig(
+        name=name, tenant_id="11111111-2222-3333-4444-555555555555",
+        client_id="66666666-7777-8888-9999-000000000000", auth=kw.pop("auth", AuthConfig(simulator=True)),
+        storage=storage, graph_url=sim.graph_url, authority=sim.authority or "https://127.0.0.1:1",
+        s3=s3 or S3Config(), limits=limits or Limits(), **kw,
+    )
+
+
+@pytest.fixture
+def sim_factory():
+    """Start simulators in this process; all are stopped at the end of the test."""
+    from mailpipe.sim import SimConfig, start_simulator
+
+    started = []
+
+    def start(**kw):
+        sim = start_simulator(SimConfig(**kw))
+        started.append(sim)
+        return sim
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3-compatible server on a real socket (127.0.0.1)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    """A fresh bucket; returns (endpoint_url, bucket)."""
+    from mailpipe.repo.store import make_s3_client
+
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    make_s3_client(s3_server, "us-east-1").create_bucket(Bucket=bucket)
+    return s3_server, bucket

@@ -1,0 +1,340 @@
+"""The Graph simulator, spoken to with a plain HTTP client over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email
+import email.policy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from mailpipe.sim.mime import pool
+from mailpipe.sim import FaultConfig, LimitConfig, SimConfig, SimProcess, start_simulator
+
+H = {"Authorization": "Bearer anything", "Prefer": 'IdType="ImmutableId"'}
+
+
+def get(url, headers=None, **kw):
+    return httpx.get(url, headers={**H, **(headers or {})}, timeout=30, **kw)
+
+
+def first_user(sim):
+    upn = next(u for u in sim.truth()["mailboxes"] if not u.startswith("shared"))
+    return upn, sim.model.user(upn).id
+
+
+def delta_all(sim, uid, folder, link=None, page=5, headers=None):
+    """Run a message delta to its deltaLink: (upserts by id, removed ids, deltaLink, pages)."""
+    url = link or f"{sim.graph_url}/users/{uid}/mailFolders/{folder}/messages/delta()"
+    ups, rem, pages = {}, [], 0
+    while True:
+        r = get(url, {"Prefer": f'IdType="ImmutableId", odata.maxpagesize={page}', **(headers or {})})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        pages += 1
+        for v in body["value"]:
+            if "@removed" in v:
+                rem.append(v["id"])
+            else:
+                ups[v["id"]] = v
+        if "@odata.nextLink" in body:
+            url = body["@odata.nextLink"]
+            continue
+        return ups, rem, body["@odata.deltaLink"], pages
+
+
+def test_same_seed_same_tenant_and_bytes(sim_factory):
+    a = sim_factory(users=2, messages_per_mailbox=30, seed=7)
+    b = sim_factory(users=2, messages_per_mailbox=30, seed=7)
+    ta, tb = a.truth(), b.truth()
+    assert ta == tb
+    c = sim_factory(users=2, messages_per_mailbox=30, seed=8)
+    assert c.truth()["mailboxes"] != ta["mailboxes"]
+    upn, uid = first_user(a)
+    item = ta["mailboxes"][upn]["items"][0]["id"]
+    ra = get(f"{a.graph_url}/users/{uid}/messages/{item}/$value").content
+    rb = get(f"{b.graph_url}/users/{uid}/messages/{item}/$value").content
+    assert ra == rb and hashlib.sha256(ra).hexdigest() == ta["mailboxes"][upn]["items"][0]["sha256"]
+
+
+def test_users_paging_and_mailboxless_user(sim_factory):
+    sim = sim_factory(users=3, messages_per_mailbox=5)
+    r = get(f"{sim.graph_url}/users?$top=2&$select=id,userPrincipalName").json()
+    seen = [u["userPrincipalName"] for u in r["value"]]
+    assert set(r["value"][0]) <= {"id", "userPrincipalName"}
+    while "@odata.nextLink" in r:
+        r = get(r["@odata.nextLink"]).json()
+        seen += [u["userPrincipalName"] for u in r["value"]]
+    assert len(seen) == 5 and any(s.startswith("nomailbox@") for s in seen) and any(s.startswith("shared-") for s in seen)
+    nomb = next(s for s in seen if s.startswith("nomailbox@"))
+    r = get(f"{sim.graph_url}/users/{nomb}/mailFolders/inbox")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "MailboxNotEnabledForRESTAPI"
+    assert get(f"{sim.graph_url}/users/{nomb}").status_code == 200  # the directory object exists
+    assert httpx.get(f"{sim.graph_url}/users", timeout=10).status_code == 401
+
+
+def test_folder_tree_is_realistic(sim_factory):
+    sim = sim_factory(users=1, messages_per_mailbox=40)
+    upn, uid = first_user(sim)
+    paths = {tuple(f["path"]) for f in sim.truth()["mailboxes"][upn]["folders"]}
+    assert {("Inbox",), ("Sent Items",), ("Drafts",), ("Deleted Items",), ("Archive",), ("Junk Email",)} <= paths
+    assert any(len(p) >= 3 for p in paths)                       # nested custom folders
+    assert any("/" in p[-1] for p in paths)                      # a name containing "/"
+    assert any(not p[-1].isascii() for p in paths)               # unicode names
+    counts = {f["path"][-1]: 0 for f in sim.truth()["mailboxes"][upn]["folders"]}
+    for it in sim.truth()["mailboxes"][upn]["items"]:
+        counts[it["folder_path"][-1]] += 1
+    assert counts["Empty folder"] == 0
+    # childFolders and the mailfolders('id') + delta() forms, and // collapsed
+    top = get(f"{sim.graph_url}/users/{uid}/mailFolders?$top=50").json()["value"]
+    inbox = next(f for f in top if f["displayName"] == "Inbox")
+    kids = get(f"{sim.graph_url}//users/{uid}/mailfolders('{inbox['id']}')/childFolders").json()["value"]
+    assert {k["displayName"] for k in kids} >= {"Projects"}
+    fd = get(f"{sim.graph_url}/users/{uid}/mailFolders/delta()").json()
+    assert len(fd["value"]) == len(paths) and "@odata.deltaLink" in fd
+
+
+def test_delta_paging_empty_pages_and_every_kind_of_change(sim_factory):
+    sim = sim_factory(users=1, messages_per_mailbox=80, faults=FaultConfig(p_empty_page=0.3))
+    upn, uid = first_user(sim)
+    mb = sim.model.mailbox(upn)
+    inbox, archive = mb.folder_id("inbox"), mb.folder_id("archive")
+    ups, rem, link, pages = delta_all(sim, uid, inbox, page=4)
+    in_inbox = {m.id for m in mb.msgs.values() if m.folder == inbox}
+    assert set(ups) == in_inbox and rem == [] and pages > len(in_inbox) / 4
+    assert sim.stats()["faults_injected"][upn].get("empty_page", 0) > 0
+    # no change: nothing
+    ups2, rem2, link, _ = delta_all(sim, uid, inbox, link)
+    assert ups2 == {} and rem2 == []
+    some = sorted(in_inbox)[:4]
+    new = sim.mutate(upn, [{"op": "new_mail", "count": 2, "folder": "inbox"}])["applied"][0]
+    sim.mutate(upn, [{"op": "mark_read", "ids": [some[0]]}, {"op": "flag", "ids": [some[1]]},
+                     {"op": "move", "ids": [some[2]], "to": "archive"}, {"op": "delete", "ids": [some[3]]}])
+    ups3, rem3, link, _ = delta_all(sim, uid, inbox, link)
+    assert set(ups3) == {*new, some[0], some[1]}
+    assert set(rem3) == {some[2], some[3]}
+    assert ups3[some[1]]["flag"]["flagStatus"] == "flagged"
+    _, _, alink, _ = delta_all(sim, uid, archive, None)
+    sim.mutate(upn, [{"op": "move", "ids": [some[0]], "to": "archive"}])
+    ups4, _, _, _ = delta_all(sim, uid, archive, alink)
+    assert set(ups4) == {some[0]}  # the same immutable id in its new folder
+
+
+def test_ids_change_on_move_without_immutable_ids(sim_factory):
+    sim = sim_factory(users=1, messages_per_mailbox=20)
+    upn, uid = first_user(sim)
+    mb = sim.model.mailbox(upn)
+    plain = {"Prefer": "odata.maxpagesize=50"}
+    r = httpx.get(f"{sim.graph_url}/users/{uid}/mailFolders/inbox/messages/delta()", headers={
+        "Authorization": "Bearer x", **plain}).json()
+    rest_id = r["value"][0]["id"]
+    imm = rest_id.split(".", 1)[1]
+    assert rest_id != imm
+    sim.mutate(upn, [{"op": "move", "ids": [imm], "to": "archive"}])
+    gone = httpx.get(f"{sim.graph_url}/users/{uid}/messages/{rest_id}", headers={"Authorization": "Bearer x"})
+    assert gone.status_code == 404
+    assert mb.msgs[imm].folder == mb.folder_id("archive")
+
+
+def test_folder_changes_and_delete(sim_factory):
+    sim = sim_factory(users=1, messages_per_mailbox=60)
+    upn, uid = first_user(sim)
+    mb = sim.model.mailbox(upn)
+    fd = get(f"{sim.graph_url}/users/{uid}/mailFolders/delta()").json()
+    link = fd["@odata.deltaLink"]
+    projects = next(f.id for f in mb.folders.values() if f.name == "Projects")
+    new_id = sim.mutate(upn, [{"op": "create_folder", "parent": "inbox", "name": "Neu ✓"}])["applied"][0]
+    sim.mutate(upn, [{"op": "rename_folder", "id": projects, "name": "Projekte"},
+                     {"op": "move_folder", "id": new_id, "to": "archive"}])
+    alpha = next(f.id for f in mb.folders.values() if f.name.startswith("Alpha"))
+    doomed = [m.id for m in mb.msgs.values() if m.folder == alpha]
+    sim.mutate(upn, [{"op": "delete_folder", "id": alpha}])
+    fd2 = get(link).json()
+    changed = {f["id"]: f for f in fd2["value"] if "@removed" not in f}
+    removed = {f["id"] for f in fd2["value"] if "@removed" in f}
+    assert changed[projects]["displayName"] == "Projekte" and changed[new_id]["parentFolderId"] == mb.folder_id("archive")
+    assert alpha in removed and len(removed) == 2  # with its subfolder
+    assert doomed and not any(d in mb.msgs for d in doomed)
+    r = get(f"{sim.graph_url}/users/{uid}/mailFolders/{alpha}/messages/delta()")
+    assert r.status_code == 404
+
+
+def test_tampered_expired_and_foreign_tokens_answer_410(sim_factory):
+    sim = sim_factory(users=1, messages_per_mailbox=20)
+    upn, uid = first_user(sim)
+    mb = sim.model.mailbox(upn)
+    _, _, link, _ = delta_all(sim, uid, mb.folder_id("inbox"))
+    tok = link.split("$deltatoken=")[1]
+    bad = link.replace(tok, tok[:-3] + ("AAA" if tok[-3:] != "AAA" else "BBB"))
+    r = get(bad)
+    assert r.status_code == 410 and r.json()["error"]["code"] == "SyncStateNotFound" and "Location" in r.headers
+    other = f"{sim.graph_url}/users/{uid}/mailFolders/{mb.folder_id('archive')}/messages/delta()?$deltatoken={tok}"
+    assert get(other).status_code == 410
+    assert get(link).status_code == 200
+    sim.expire_delta_tokens(upn)
+    assert get(link).status_code == 410
+
+
+async def _parallel(url, n):
+    async with httpx.AsyncClient(headers=H, timeout=30) as c:
+        return await asyncio.gather(*(c.get(url) for _ in range(n)))
+
+
+def test_fifth_concurrent_request_is_throttled_and_counted(sim_factory):
+    sim = sim_factory(users=1, messages_per_mailbox=10, faults=FaultConfig(latency_ms=300))
+    upn, uid = first_user(sim)
+    rs = asyncio.run(_parallel(f"{sim.graph_url}/users/{uid}/mailFolders/inbox", 6))
+    codes = sorted(r.status_code for r in rs)
+    assert codes == [200] * 4 + [429] * 2
+    t = next(r for r in rs if r.status_code == 429)
+    assert t.json()["error"]["code"] == "ApplicationThrottled" and int(t.headers["Retry-After"]) >= 1
+    st = sim.stats()
+    assert st["max_concurrency"][upn] >= 5 and st["throttled"][upn] == 2
+
+
+def test_request_window(sim_factory):
+    sim = sim_factory(users=1, messages_per_mailbox=5, limits=LimitConfig(window_requests=3, window_seconds=30))
+    upn, uid = first_user(sim)
+    codes = [get(f"{sim.graph_url}/users/{uid}/mailFolders/inbox").status_code for _ in range(5)]
+    assert codes == [200, 200, 200, 429, 429]
+    r = get(f"{sim.graph_url}/users/{uid}/mailFolders/inbox")
+    assert 1 <= int(r.headers["Retry-After"]) <= 30
+
+
+def test_injected_faults(sim_factory):
+    sim = sim_factory(users=1, messages_per_mailbox=5)
+    upn, uid = first_user(sim)
+    url = f"{sim.graph_url}/users/{uid}/mailFolders/inbox"
+    for fault, code in (("p_503", 503), ("p_504", 504), ("p_429", 429)):
+        sim.set_faults(FaultConfig(**{fault: 1.0}))
+        assert get(url).status_code == code
+    sim.set_faults(FaultConfig(p_reset=1.0))
+    with pytest.raises(httpx.TransportError):
+        get(url)
+    sim.set_faults(FaultConfig(fail_users={upn: 500}))
+    assert get(url).status_code == 500
+    sim.set_faults(FaultConfig())
+    assert get(url).status_code == 200
+    inj = sim.stats()["faults_injected"][upn]
+    assert inj["503"] == 1 and inj["504"] == 1 and inj["reset"] == 1
+
+
+def test_mime_is_realistic(sim_factory):
+    sim = sim_factory(users=2, messages_per_mailbox=150, huge_attachments=True)
+    truth = sim.truth()
+    sizes = sorted(i["size"] for mb in truth["mailboxes"].values() for i in mb["items"])
+    median = sizes[len(sizes) // 2]
+    assert 10_000 < median < 100_000 and sizes[-1] > 25 * 1024 * 1024
+    kinds, raw8bit, nonutf8 = set(), False, False
+    upn = next(iter(truth["mailboxes"]))
+    mb = sim.model.mailbox(upn)
+    for m in list(mb.msgs.values()):
+        if m.huge:
+            continue
+        data = mb.mime(m)
+        head = data.split(b"\r\n\r\n", 1)[0]
+        raw8bit |= any(b > 127 for b in head)
+        nonutf8 |= b"iso-8859-1" in head.lower()
+        msg = email.message_from_bytes(data, policy=email.policy.default)
+        kinds |= {p.get_content_type() for p in msg.walk()}
+        kinds |= {"inline" for p in msg.walk() if p.get("Content-ID")}
+    assert {"multipart/alternative", "text/plain", "text/html", "message/rfc822", "multipart/related", "inline"} <= kinds
+    assert raw8bit and nonutf8
+    # shared attachments: the same base64 body in several messages of several mailboxes
+    heads = [base64.encodebytes(a.data[:57 * 50]).replace(b"\n", b"\r\n") for a in pool(1)]
+    holders = [set() for _ in heads]
+    for u in truth["mailboxes"]:
+        mbx = sim.model.mailbox(u)
+        for m in mbx.msgs.values():
+            data = b"" if m.huge else mbx.mime(m)
+            for i, h in enumerate(heads):
+                if h in data:
+                    holders[i].add(u)
+    assert max(len(h) for h in holders) >= 2
+
+
+def test_attachments_routes(sim_factory):
+    sim = sim_factory(users=1, messages_per_mailbox=60)
+    upn, uid = first_user(sim)
+    mb = sim.model.mailbox(upn)
+    for m in mb.msgs.values():
+        atts = get(f"{sim.graph_url}/users/{uid}/messages/{m.id}/attachments").json()["value"]
+        files = [a for a in atts if a["@odata.type"].endswith("fileAttachment") and "contentBytes" in a]
+        if files:
+            a = files[0]
+            raw = get(f"{sim.graph_url}/users/{uid}/messages/{m.id}/attachments/{a['id']}/$value").content
+            assert len(raw) == a["size"]
+            return
+    pytest.fail("no message with a file attachment")
+
+
+def test_tls_token_endpoint_and_revocation(tmp_path):
+    cfg = SimConfig(users=1, messages_per_mailbox=5, tls=True, clients={"cid": "s3cr3t"}, state_dir=str(tmp_path))
+    with start_simulator(cfg) as sim:
+        assert sim.graph_url.startswith("https://") and os.path.exists(sim.ca_file)
+        c = httpx.Client(verify=sim.ca_file, timeout=30)
+        oid = c.get(f"{sim.authority}/{sim.model.tenant_id}/v2.0/.well-known/openid-configuration").json()
+        assert oid["token_endpoint"].startswith(sim.authority)
+        bad = c.post(oid["token_endpoint"], data={"grant_type": "client_credentials", "client_id": "cid",
+                                                  "client_secret": "nope", "scope": "x"})
+        assert bad.status_code == 401 and bad.json()["error"] == "invalid_client"
+        tok = c.post(oid["token_endpoint"], data={"grant_type": "client_credentials", "client_id": "cid",
+                                                  "client_secret": "s3cr3t", "scope": "x"}).json()["access_token"]
+        assert c.get(f"{sim.graph_url}/users", headers={"Authorization": "Bearer forged"}).status_code == 401
+        assert c.get(f"{sim.graph_url}/users", headers={"Authorization": f"Bearer {tok}"}).status_code == 200
+        sim.revoke_tokens()
+        assert c.get(f"{sim.graph_url}/users", headers={"Authorization": f"Bearer {tok}"}).status_code == 401
+        with pytest.raises(httpx.ConnectError):  # not trusted without the CA
+            httpx.get(f"{sim.graph_url}/users", timeout=10)
+
+
+def test_state_dir_persists_mutations_and_tokens(tmp_path):
+    cfg = SimConfig(users=1, messages_per_mailbox=30, state_dir=str(tmp_path))
+    with start_simulator(cfg) as sim:
+        upn, uid = first_user(sim)
+        sim.mutate(upn, random=15, seed=4)
+        _, _, link, _ = delta_all(sim, uid, "inbox")
+        before = sim.truth()
+    with start_simulator(SimConfig(users=1, messages_per_mailbox=30, state_dir=str(tmp_path))) as sim2:
+        assert sim2.truth() == before
+        link2 = link.replace(sim.base_url, sim2.base_url)
+        assert get(link2).status_code == 200  # a delta link survives the restart
+
+
+def test_child_process_and_cli(tmp_path):
+    with SimProcess(SimConfig(users=1, messages_per_mailbox=10)) as p:
+        st = p.stats()
+        assert st["total_requests"] == 0
+        upn = next(iter(p.truth()["mailboxes"]))
+        out = subprocess.run([sys.executable, "-m", "mailpipe", "sim", "mutate", "--url", p.base_url, "--user",
+                              upn, "--random", "5"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and json.loads(out.stdout)["ops"] == 5
+    assert p.proc.returncode is not None
+
+
+def test_embedded_starts_exactly_one_process(tmp_path):
+    from mailpipe.sim.embedded import ensure_running
+
+    state = str(tmp_path / "sim")
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        ensure_running(state, {"users": 1, "messages": 5, "idle_timeout_s": 60}))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert len({r.base_url for r in results}) == 1
+        again = ensure_running(state, {"users": 1})
+        assert again.base_url == results[0].base_url
+    finally:
+        info = json.load(open(os.path.join(state, "server.json")))
+        os.kill(info["pid"], 15)
