@@ -28,12 +28,14 @@ def free_port() -> int:
 
 def make_tenant(sim, storage: str, *, name: str = "t1", s3: S3Config | None = None,
                 limits: Limits | None = None, **kw) -> TenantConfig:
-    return TenantConfig(
+    fields = dict(
         name=name, tenant_id="11111111-2222-3333-4444-555555555555",
-        client_id="66666666-7777-8888-9999-000000000000", auth=kw.pop("auth", AuthConfig(simulator=True)),
+        client_id="66666666-7777-8888-9999-000000000000", auth=AuthConfig(simulator=True),
         storage=storage, graph_url=sim.graph_url, authority=sim.authority or "https://127.0.0.1:1",
-        s3=s3 or S3Config(), limits=limits or Limits(), **kw,
+        s3=s3 or S3Config(), limits=limits or Limits(),
     )
+    fields.update(kw)
+    return TenantConfig(**fields)
 
 
 @pytest.fixture
