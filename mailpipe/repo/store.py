@@ -147,8 +147,10 @@ class S3Store:
     5xx/SlowDown/connection errors, so a client handed in with default settings is covered too. PUTs
     are single requests (or boto3's multipart upload for files), so an object is either complete or absent."""
 
-    def __init__(self, client: Any, bucket: str, prefix: str = "", attempts: int = 5) -> None:
+    def __init__(self, client: Any, bucket: str, prefix: str = "", attempts: int = 5,
+                 base_delay: float = 0.2) -> None:
         self.client = client
+        self.base_delay = base_delay
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.attempts = attempts
@@ -177,7 +179,7 @@ class S3Store:
             except BotoConnectionError as e:
                 if attempt == self.attempts:
                     raise StoreError(f"S3 {what}: {type(e).__name__}") from None
-            time.sleep(random.uniform(0, min(8.0, 0.2 * 2 ** attempt)))
+            time.sleep(random.uniform(0, min(8.0, self.base_delay * 2 ** attempt)))
             log.info("retrying S3 %s (attempt %d)", what, attempt + 1)
         raise AssertionError("unreachable")
 

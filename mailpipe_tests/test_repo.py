@@ -1,0 +1,323 @@
+"""The repository on both stores (a local folder, and S3 through moto's server over a real socket)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import pytest
+
+from mailpipe.config import AuthConfig, S3Config, TenantConfig
+from mailpipe.repo import IntegrityError, LocalStore, RepositoryError, S3Store, mailbox_dir, open_repository
+from mailpipe.repo import chunking
+from mailpipe.repo.export import export_snapshot, safe_name
+from mailpipe.repo.store import make_s3_client
+
+USER = "12eb4e78-d55e-4213-9427-547d7fd3576c"
+
+
+def tenant(storage: str, s3: S3Config | None = None, name: str = "t1") -> TenantConfig:
+    return TenantConfig(name=name, tenant_id="11111111-2222-3333-4444-555555555555",
+                        client_id="66666666-7777-8888-9999-000000000000", auth=AuthConfig(simulator=True),
+                        storage=storage, graph_url="http://127.0.0.1:1/v1.0", s3=s3 or S3Config())
+
+
+@pytest.fixture(params=["local", "s3"])
+def repo_and_tenant(request, tmp_path):
+    if request.param == "local":
+        t = tenant(str(tmp_path / "repo"))
+    else:
+        endpoint, bucket = request.getfixturevalue("s3_bucket")
+        t = tenant(f"s3://{bucket}/tenants/t1", S3Config(endpoint_url=endpoint, region="us-east-1"))
+    return open_repository(t), t
+
+
+def b64_attachment(data: bytes) -> bytes:
+    import base64
+
+    return base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+
+def message(i: int, attachment: bytes | None = None, *, boundary: str | None = None,
+            encoded: bytes | None = None) -> bytes:
+    b = (boundary or f"b{i}").encode()
+    head = (f"From: a{i}@example.com\r\nTo: x@example.com\r\nSubject: message {i}\r\n"
+            f"Message-ID: <{i}@example.com>\r\nMIME-Version: 1.0\r\n").encode()
+    if attachment is None:
+        return head + b"Content-Type: text/plain\r\n\r\nhello " + str(i).encode() + b"\r\n"
+    return (head + b"Content-Type: multipart/mixed; boundary=\"" + b + b"\"\r\n\r\n--" + b +
+            b"\r\nContent-Type: text/plain\r\n\r\nsee attached " + os.urandom(8).hex().encode() + b"\r\n--" + b +
+            b"\r\nContent-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n" +
+            (encoded or b64_attachment(attachment)) + b"--" + b + b"--\r\n")
+
+
+TRICKY = {
+    "empty": b"",
+    "crlf": b"Subject: x\r\n\r\nline1\r\nline2\r\n",
+    "bare-lf": b"Subject: x\n\nline1\nline2\n",
+    "mixed-endings": b"Subject: x\r\n\nline1\rline2\n\r\n",
+    "8bit": "Subject: Grüße aus Köln — 東京\r\n\r\nÄÖÜ ß €\r\n".encode("utf-8") + b"\xe4\xf6\xfc latin-1\r\n",
+    "binary": bytes(range(256)) * 64,
+    "no-final-newline": b"Subject: x\r\n\r\nbody without newline",
+    "fake-boundaries": b"Subject: x\r\n\r\n--\r\n--a\n\n--\r\n\r\n" * 50_000,
+}
+
+
+def test_byte_exact_round_trip_of_tricky_mime(repo_and_tenant):
+    repo, _ = repo_and_tenant
+    rng = random.Random(5)
+    cases = dict(TRICKY)
+    cases["30mb-attachment"] = message(1, rng.randbytes(30 * 1024 * 1024))
+    for name, data in cases.items():
+        st = repo.put_content(data)
+        assert st.size == len(data) and st.sha256 == hashlib.sha256(data).hexdigest()
+        assert repo.read_content(st.sha256, st.chunks, st.size, item=name) == data, name
+        assert b"".join(repo.iter_content(st.sha256, st.chunks, st.size)) == data
+    big = repo.put_content(cases["30mb-attachment"])
+    assert len(big.chunks) > 30 and big.new_chunks == 0  # chunked, and nothing uploaded twice
+
+
+def test_chunking_is_exact_and_small_messages_stay_one_chunk():
+    rng = random.Random(1)
+    for n in (0, 1, 100, chunking.SINGLE_CHUNK):
+        data = rng.randbytes(n)
+        assert chunking.split(data) == [data]
+    for _ in range(30):  # arbitrary bytes with MIME-ish structure: always reassembles exactly
+        parts = [rng.choice([b"\r\n--b\r\n", b"\n\n", b"\r\n\r\n", rng.randbytes(rng.randint(0, 300_000))])
+                 for _ in range(rng.randint(1, 40))]
+        data = b"".join(parts)
+        chunks = chunking.split(data)
+        assert b"".join(chunks) == data and all(len(c) <= chunking.MAX_CHUNK for c in chunks)
+
+
+def test_shared_attachment_in_50_messages_of_5_mailboxes_costs_about_one_copy(repo_and_tenant):
+    repo, _ = repo_and_tenant
+    attachment = random.Random(2).randbytes(5 * 1024 * 1024)
+    encoded = b64_attachment(attachment)
+    one = message(0, attachment, encoded=encoded)
+    first = repo.put_content(one)
+    first_cost = first.new_stored_bytes
+    rest = 0
+    for mailbox in range(5):
+        for i in range(10):
+            # different headers, text and boundary in each message: only the attachment body is shared
+            st = repo.put_content(message(mailbox * 100 + i + 1, attachment, boundary=f"=_mb{mailbox}_{i}",
+                                          encoded=encoded))
+            rest += st.new_stored_bytes
+    assert first_cost > 5 * 1024 * 1024 * 0.9  # random bytes in base64: the first copy costs ~ its size
+    assert rest < 0.02 * first_cost            # 50 more messages: headers and text only
+
+
+def test_snapshots_commit_atomically_and_are_listed(repo_and_tenant):
+    repo, _ = repo_and_tenant
+    st = repo.put_content(TRICKY["crlf"])
+    row = {"item_id": "AAMk1", "folder_id": "F1", "folder_path": ["Inbox", "A/B"], "subject": "x",
+           "received_at": datetime(2025, 1, 2, tzinfo=timezone.utc), "is_read": True, "size": st.size,
+           "sha256": st.sha256, "chunks": st.chunks, "first_snapshot_id": None, "categories": ["Blue"]}
+    assert repo.latest_snapshot(USER) is None
+    w = repo.begin_snapshot(USER, "adele@example.com")
+    w.add_items([row])
+    w.set_folders([{"folder_id": "F1", "parent_id": None, "display_name": "A/B", "path": ["Inbox", "A/B"]}])
+    # written but not committed: invisible
+    assert repo.list_snapshots(USER) == [] and repo.latest_snapshot(USER) is None
+    info = w.commit(delta_links={"F1": "https://link"}, stats={"items_total": 1}, skipped=[])
+    assert [s.snapshot_id for s in repo.list_snapshots(USER)] == [info.snapshot_id]
+    latest = repo.latest_snapshot(USER)
+    assert latest.delta_links == {"F1": "https://link"} and latest.items == 1 and latest.upn == "adele@example.com"
+    rows = [r for b in repo.iter_manifest(USER, "latest") for r in b.to_pylist()]
+    assert rows[0]["folder_path"] == ["Inbox", "A/B"] and rows[0]["received_at"].year == 2025
+    assert repo.read_folders(USER, info.snapshot_id).num_rows == 1
+    assert repo.list_mailboxes() == [(USER, "adele@example.com")] and repo.find_mailbox("ADELE@example.com") == USER
+    # an aborted writer leaves nothing visible
+    w2 = repo.begin_snapshot(USER, "adele@example.com")
+    w2.add_items([row])
+    w2.abort()
+    assert len(repo.list_snapshots(USER)) == 1
+    with pytest.raises(RepositoryError):
+        repo.read_snapshot(USER, w2.snapshot_id)
+
+
+def test_uncommitted_snapshot_files_are_invisible_and_interrupted_writes_never_look_valid(tmp_path):
+    t = tenant(str(tmp_path / "repo"))
+    repo = open_repository(t)
+    root = tmp_path / "repo"
+    # a crash after the manifest upload but before snapshot.json
+    d = root / "mailboxes" / USER / "snapshots" / "20260101T000000Z-abcd"
+    d.mkdir(parents=True)
+    (d / "manifest.parquet").write_bytes(b"PAR1 garbage")
+    # a crash in the middle of a blob write leaves only a temp file
+    (root / "blobs" / "ab").mkdir(parents=True)
+    (root / "blobs" / "ab" / ".tmp-x1y2").write_bytes(b"partial")
+    assert repo.list_snapshots(USER) == [] and repo.list_mailboxes() == []
+    assert not any(".tmp-" in k for k in repo.store.list("blobs"))
+
+
+def test_checkpoints(repo_and_tenant):
+    repo, _ = repo_and_tenant
+    st = repo.put_content(b"Subject: c\r\n\r\nx\r\n")
+    rows = [{"item_id": f"id{i}", "change_key": "ck", "is_draft": False, "sha256": st.sha256, "chunks": st.chunks,
+             "size": st.size} for i in range(3)]
+    repo.write_checkpoint(USER, rows[:2])
+    repo.write_checkpoint(USER, rows[2:])
+    got = [r["item_id"] for b in repo.iter_checkpoint_rows(USER) for r in b.to_pylist()]
+    assert sorted(got) == ["id0", "id1", "id2"] and len(repo.list_checkpoints(USER)) == 2
+    repo.clear_checkpoints(USER)
+    assert list(repo.iter_checkpoint_rows(USER)) == []
+
+
+def test_corruption_and_missing_chunks_are_detected(tmp_path):
+    repo = open_repository(tenant(str(tmp_path / "repo")))
+    data = message(1, random.Random(3).randbytes(400_000))
+    st = repo.put_content(data)
+    key = f"blobs/{st.chunks[1][:2]}/{st.chunks[1]}"
+    path = repo.store.local_path(key)
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().decompress(open(path, "rb").read())
+    with open(path, "wb") as f:  # a valid zstd frame with one flipped byte inside
+        f.write(zstandard.ZstdCompressor().compress(raw[:10] + bytes([raw[10] ^ 1]) + raw[11:]))
+    with pytest.raises(IntegrityError, match=r"item-42.*corrupt"):
+        repo.read_content(st.sha256, st.chunks, st.size, item="item-42")
+    with open(path, "wb") as f:
+        f.write(b"not zstd at all")
+    with pytest.raises(IntegrityError, match="item-42"):
+        repo.read_content(st.sha256, st.chunks, st.size, item="item-42")
+    os.unlink(path)
+    with pytest.raises(IntegrityError, match="missing"):
+        repo.read_content(st.sha256, st.chunks, st.size, item="item-42")
+    with pytest.raises(IntegrityError):  # a manifest pointing at the wrong content
+        repo.read_content("0" * 64, st.chunks[:1], st.size, item="x")
+    with pytest.raises(IntegrityError, match="invalid chunk name"):
+        repo.read_content(st.sha256, ["../../etc/passwd"], st.size, item="x")
+
+
+def test_hostile_names_stay_inside(tmp_path):
+    repo = open_repository(tenant(str(tmp_path / "repo")))
+    hostile = ["../../etc", "%2e%2e", "a\x00b", "x" * 5000, "ünï/cødé", "..", ".", "", " lead", "trail.",
+               "CON", "a\\b", "%2F", "/abs"]
+    for h in hostile:
+        d = mailbox_dir(h)
+        assert "/" not in d and ".." not in d and "\x00" not in d and len(d) <= 128
+    names = {safe_name(h) for h in hostile}
+    assert len(names) == len(hostile)  # injective
+    for n in names:
+        assert "/" not in n and "\x00" not in n and n not in (".", "..", "") and len(n.encode()) <= 200
+    # a snapshot whose folder paths and ids are hostile exports strictly inside --out
+    st = repo.put_content(b"Subject: x\r\n\r\ny\r\n")
+    w = repo.begin_snapshot("../../evil", "evil@example.com")
+    w.add_items([{"item_id": h or "e", "folder_id": "f", "folder_path": [h, "../.."], "size": st.size,
+                  "sha256": st.sha256, "chunks": st.chunks} for h in hostile])
+    w.commit(delta_links={}, stats={}, skipped=[])
+    out = tmp_path / "out"
+    res = export_snapshot(repo, "../../evil", "latest", str(out))
+    assert res.items == len(hostile)
+    for dirpath, _, files in os.walk(tmp_path):
+        for f in files:
+            p = os.path.realpath(os.path.join(dirpath, f))
+            assert p.startswith(str(tmp_path / "out")) or p.startswith(str(tmp_path / "repo")), p
+    assert not (tmp_path / "evil").exists() and not (tmp_path.parent / "evil").exists()
+
+
+def test_repository_belongs_to_one_tenant(tmp_path):
+    open_repository(tenant(str(tmp_path / "r"), name="alpha"))
+    with pytest.raises(RepositoryError, match="belongs to tenant 'alpha'"):
+        open_repository(tenant(str(tmp_path / "r"), name="beta"))
+    with pytest.raises(RepositoryError, match="no mailpipe repository"):
+        open_repository(tenant(str(tmp_path / "none")), create=False)
+    info = json.loads((tmp_path / "r" / "mailpipe.json").read_text())
+    info["version"] = 99
+    (tmp_path / "r" / "mailpipe.json").write_text(json.dumps(info))
+    with pytest.raises(RepositoryError, match="version 99"):
+        open_repository(tenant(str(tmp_path / "r"), name="alpha"))
+
+
+class _FlakyS3:
+    """Make the real botocore client answer 503 SlowDown to the first N requests of an operation,
+    at its HTTP layer (the 'before-send' event), with botocore's own retries turned off: what is left to
+    retry is ours."""
+
+    def __init__(self, client, op: str, n: int) -> None:
+        self.left = n
+        self.seen = 0
+        client.meta.events.register(f"before-send.s3.{op}", self)
+
+    def __call__(self, request, **kw):
+        from botocore.awsrequest import AWSResponse
+
+        self.seen += 1
+        if self.left <= 0:
+            return None
+        self.left -= 1
+
+        class Raw:
+            def stream(self, **k):
+                yield b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
+
+        return AWSResponse(request.url, 503, {}, Raw())
+
+
+def test_s3_slowdown_is_retried(s3_bucket):
+    import boto3
+    from botocore.config import Config
+
+    endpoint, bucket = s3_bucket
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          config=Config(retries={"mode": "standard", "max_attempts": 1}))
+    flaky = _FlakyS3(client, "PutObject", 2)
+    store = S3Store(client, bucket, "p", base_delay=0.01)
+    store.put_bytes("blobs/aa/x", b"data")
+    assert flaky.seen == 3 and store.get_bytes("blobs/aa/x") == b"data"
+    _FlakyS3(client, "GetObject", 10)
+    from mailpipe.repo import StoreError
+
+    with pytest.raises(StoreError, match="SlowDown"):
+        store.get_bytes("blobs/aa/x")
+
+
+def test_s3_prefix_isolation(s3_bucket):
+    endpoint, bucket = s3_bucket
+    client = make_s3_client(endpoint, "us-east-1")
+    a, b = S3Store(client, bucket, "tenants/a"), S3Store(client, bucket, "tenants/ab")
+    a.put_bytes("x/1", b"1")
+    b.put_bytes("x/2", b"2")
+    assert list(a.list("x")) == ["x/1"] and list(b.list("")) == ["x/2"]
+    with pytest.raises(ValueError):
+        a.put_bytes("../b/x", b"no")
+    with pytest.raises(ValueError):
+        LocalStore("/tmp").put_bytes("a/../../etc/x", b"no")
+
+
+def test_cli_snapshots_and_export(tmp_path):
+    tfile = tmp_path / "tenants.yaml"
+    repo_dir = tmp_path / "repo"
+    tfile.write_text(
+        "tenants:\n  - name: acme\n    tenant_id: 11111111-2222-3333-4444-555555555555\n"
+        "    client_id: 66666666-7777-8888-9999-000000000000\n    auth: {simulator: true}\n"
+        f"    graph_url: http://127.0.0.1:9/v1.0\n    storage: {repo_dir}\n")
+    t = tenant(str(repo_dir), name="acme")
+    repo = open_repository(t)
+    data = TRICKY["mixed-endings"]
+    st = repo.put_content(data)
+    w = repo.begin_snapshot(USER, "adele@acme.example")
+    w.add_items([{"item_id": "AAMk=1", "folder_id": "f", "folder_path": ["Inbox", "Sub/Dir"], "size": st.size,
+                  "sha256": st.sha256, "chunks": st.chunks, "sender": "x@y"}])
+    info = w.commit(delta_links={}, stats={"bytes_stored_new": 10}, skipped=[])
+    env = {**os.environ, "MAILPIPE_TENANTS": str(tfile)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mailpipe", *a], capture_output=True, text=True,  # noqa
+                                    env=env, timeout=120)
+    r = run("snapshots", "acme")
+    assert r.returncode == 0 and info.snapshot_id in r.stdout and "adele@acme.example" in r.stdout
+    r = run("export", "acme", "adele@acme.example", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "Inbox" / "Sub%2FDir" / "AAMk=1.eml").read_bytes() == data
+    r = run("export", "acme", "adele@acme.example", "--out", str(tmp_path / "mbox"), "--format", "mbox")
+    assert r.returncode == 0 and (tmp_path / "mbox" / "Inbox" / "Sub%2FDir.mbox").read_bytes().startswith(b"From x@y ")
+    r = run("export", "nope", "x", "--out", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "unknown tenant 'nope'" in r.stderr and "acme" in r.stderr
+    r = run("export", "acme", "who@acme.example", "--out", str(tmp_path / "o3"))
+    assert r.returncode == 2 and "no backup of mailbox" in r.stderr
