@@ -85,8 +85,12 @@ async def backup_mailboxes(
     skip_if_committed_since: datetime | None = None,
     progress: ProgressCallback | None = None,
     max_parallel_mailboxes: int | None = None,
+    graph_options: dict[str, Any] | None = None,
 ) -> list[MailboxResult]:
     """Back up ``upns`` of ``tenant`` concurrently; one result per upn, in the same order.
+
+    ``graph_options``: keyword arguments for :meth:`mailpipe.graph.GraphTenant.from_config` (a retry
+    policy, the request window's length) — for tests and benchmarks.
 
     ``skip_if_committed_since``: a mailbox whose latest snapshot was committed at or after this time is
     not backed up again (its result has ``already_committed=True`` and that snapshot's figures) — how a
@@ -96,7 +100,7 @@ async def backup_mailboxes(
 
     return await backup_many(
         tenant, list(upns), skip_if_committed_since=skip_if_committed_since, progress=progress,
-        max_parallel_mailboxes=max_parallel_mailboxes,
+        max_parallel_mailboxes=max_parallel_mailboxes, graph_options=graph_options,
     )
 
 

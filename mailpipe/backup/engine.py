@@ -66,6 +66,7 @@ async def backup_many(
     skip_if_committed_since: datetime | None = None,
     progress: ProgressCallback | None = None,
     max_parallel_mailboxes: int | None = None,
+    graph_options: dict[str, Any] | None = None,
 ) -> list[MailboxResult]:
     from mailpipe.graph import GraphTenant
     from mailpipe.repo import open_repository
@@ -75,7 +76,7 @@ async def backup_many(
     try:
         repo = await loop.run_in_executor(pool, lambda: open_repository(tenant))
         sem = asyncio.Semaphore(max_parallel_mailboxes or DEFAULT_PARALLEL_MAILBOXES)
-        async with GraphTenant.from_config(tenant) as graph:
+        async with GraphTenant.from_config(tenant, **(graph_options or {})) as graph:
 
             async def one(upn: str) -> MailboxResult:
                 async with sem:
