@@ -86,11 +86,14 @@ async def backup_mailboxes(
     progress: ProgressCallback | None = None,
     max_parallel_mailboxes: int | None = None,
     graph_options: dict[str, Any] | None = None,
+    s3_client: Any = None,
 ) -> list[MailboxResult]:
     """Back up ``upns`` of ``tenant`` concurrently; one result per upn, in the same order.
 
     ``graph_options``: keyword arguments for :meth:`mailpipe.graph.GraphTenant.from_config` (a retry
-    policy, the request window's length) — for tests and benchmarks.
+    policy, the request window's length) — for tests and benchmarks. ``s3_client``: a boto3 S3 client for
+    an ``s3://`` repository (the Dagster layer passes dagster-aws' ``S3Resource`` client); by default
+    one is made from the tenant's ``s3`` settings and the standard AWS credential chain.
 
     ``skip_if_committed_since``: a mailbox whose latest snapshot was committed at or after this time is
     not backed up again (its result has ``already_committed=True`` and that snapshot's figures) — how a
@@ -100,7 +103,7 @@ async def backup_mailboxes(
 
     return await backup_many(
         tenant, list(upns), skip_if_committed_since=skip_if_committed_since, progress=progress,
-        max_parallel_mailboxes=max_parallel_mailboxes, graph_options=graph_options,
+        max_parallel_mailboxes=max_parallel_mailboxes, graph_options=graph_options, s3_client=s3_client,
     )
 
 

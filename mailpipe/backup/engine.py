@@ -67,6 +67,7 @@ async def backup_many(
     progress: ProgressCallback | None = None,
     max_parallel_mailboxes: int | None = None,
     graph_options: dict[str, Any] | None = None,
+    s3_client: Any = None,
 ) -> list[MailboxResult]:
     from mailpipe.graph import GraphTenant
     from mailpipe.repo import open_repository
@@ -74,7 +75,7 @@ async def backup_many(
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="mailpipe-store")
     try:
-        repo = await loop.run_in_executor(pool, lambda: open_repository(tenant))
+        repo = await loop.run_in_executor(pool, lambda: open_repository(tenant, s3_client=s3_client))
         sem = asyncio.Semaphore(max_parallel_mailboxes or DEFAULT_PARALLEL_MAILBOXES)
         async with GraphTenant.from_config(tenant, **(graph_options or {})) as graph:
 
@@ -227,9 +228,10 @@ class MailboxBackup:
                 for _ in workers:
                     await self._queue.put(None)
                 await asyncio.gather(*workers, return_exceptions=True)
+                # whatever happened, what was stored stays usable by the next attempt
+                await self._flush_checkpoint(force=True)
             if self._fatal is not None:
                 raise self._fatal
-            await self._flush_checkpoint(force=True)
 
             # 4. the new snapshot: everything present now
             counts = state.counts(live)

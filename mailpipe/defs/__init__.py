@@ -1,0 +1,26 @@
+"""The Dagster layer: partitions, the asset, the job, sensors, the schedule and the resource.
+
+Thin by design: it turns partitions into engine calls and engine results into materializations,
+metadata and failures. Nothing heavy (msgraph, boto3) is imported when the definitions load.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+
+def build_definitions() -> dg.Definitions:
+    from mailpipe.config import load_tenants
+    from mailpipe.defs.assets import mailbox_backup, mailbox_backup_job
+    from mailpipe.defs.resources import MailpipeResource
+    from mailpipe.defs.schedules import backup_all_mailboxes
+    from mailpipe.defs.sensors import discover_mailboxes, retry_failed_mailboxes
+
+    load_tenants()  # a bad tenants file fails the code location now, with its clear message
+    return dg.Definitions(
+        assets=[mailbox_backup],
+        jobs=[mailbox_backup_job],
+        sensors=[discover_mailboxes, retry_failed_mailboxes],
+        schedules=[backup_all_mailboxes],
+        resources={"mailpipe": MailpipeResource()},
+    )

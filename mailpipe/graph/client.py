@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -54,6 +55,19 @@ class RetryPolicy:
     base_delay: float = 0.5
     max_delay: float = 30.0
     max_retry_after: float = 600.0   # a longer Retry-After fails the call (throttled) instead of sleeping
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """Defaults, overridable with MAILPIPE_RETRY_MAX_ATTEMPTS / MAILPIPE_RETRY_BASE_DELAY /
+        MAILPIPE_RETRY_MAX_DELAY (seconds)."""
+        d = cls()
+        return cls(
+            max_attempts=int(os.environ.get("MAILPIPE_RETRY_MAX_ATTEMPTS", d.max_attempts)),
+            max_throttled_attempts=d.max_throttled_attempts,
+            base_delay=float(os.environ.get("MAILPIPE_RETRY_BASE_DELAY", d.base_delay)),
+            max_delay=float(os.environ.get("MAILPIPE_RETRY_MAX_DELAY", d.max_delay)),
+            max_retry_after=d.max_retry_after,
+        )
 
     def backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_delay, self.base_delay * (2 ** attempt)))
@@ -261,7 +275,7 @@ class GraphTenant:
 
         self.tenant = tenant
         self.graph_url = graph_url.rstrip("/")
-        self.policy = policy or RetryPolicy()
+        self.policy = policy or RetryPolicy.from_env()
         self.window_seconds = window_seconds
         self.credential = make_credential(tenant, authority, ca_bundle)
         verify: Any = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True

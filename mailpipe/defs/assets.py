@@ -1,0 +1,104 @@
+"""The ``mailbox_backup`` asset: one run backs up its batch of mailboxes concurrently through the engine."""
+
+
+import time
+import warnings
+from collections import defaultdict
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from mailpipe.defs.partitions import mailboxes_partitions, split_key
+from mailpipe.defs.resources import MailpipeResource
+from mailpipe.defs.settings import BATCH_SIZE
+
+PROGRESS_LOG_SECONDS = 10.0
+# BackfillPolicy is marked beta in 1.13; it is the documented way to batch backfills, and we pin Dagster
+warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=dg.BetaWarning)
+
+
+def retry_since(context: dg.AssetExecutionContext) -> datetime | None:
+    """For a retried or re-executed run: when the original run started. Mailboxes committed since then
+    are not backed up again."""
+    tags = context.run.tags
+    root = tags.get("dagster/root_run_id") or tags.get("dagster/parent_run_id")
+    if not root:
+        return None
+    rec = context.instance.get_run_record_by_id(root)
+    ts = (rec.start_time or rec.create_timestamp.timestamp()) if rec else None
+    return datetime.fromtimestamp(ts, tz=timezone.utc) if ts else None
+
+
+def _metadata(r) -> dict[str, dg.MetadataValue]:
+    md: dict[str, dg.MetadataValue] = {"snapshot_id": dg.MetadataValue.text(r.snapshot_id or "")}
+    for k, v in r.metrics().items():
+        md[k] = dg.MetadataValue.float(float(v)) if isinstance(v, float) else dg.MetadataValue.int(int(v))
+    md["already_committed"] = dg.MetadataValue.bool(r.already_committed)
+    return md
+
+
+@dg.asset(
+    partitions_def=mailboxes_partitions,
+    backfill_policy=dg.BackfillPolicy.multi_run(BATCH_SIZE),
+    output_required=False,
+    group_name="mailpipe",
+    kinds={"python"},
+    description="An Exchange Online mailbox, backed up into its tenant's repository: each materialization "
+    "is a committed point-in-time snapshot (incremental fetch, deduplicated content). One run backs up a "
+    "batch of mailboxes concurrently; each partition succeeds or fails on its own.",
+)
+def mailbox_backup(context: dg.AssetExecutionContext, mailpipe: MailpipeResource):
+    keys = list(context.partition_keys)
+    by_tenant: dict[str, list[str]] = defaultdict(list)
+    for k in keys:
+        tenant, upn = split_key(k)
+        by_tenant[tenant].append(upn)
+    since = retry_since(context)
+    if since:
+        context.log.info(f"retry of a run started {since.isoformat()}: mailboxes committed since are skipped")
+    failures: dict[str, str] = {}
+    done = 0
+    last_log = [time.monotonic()]
+
+    def progress(upn: str, fig: dict) -> None:
+        if time.monotonic() - last_log[0] >= PROGRESS_LOG_SECONDS:
+            last_log[0] = time.monotonic()
+            context.log.info(f"{upn}: {fig.get('bytes_fetched', 0):,} bytes fetched, "
+                             f"{fig.get('bytes_stored_new', 0):,} newly stored, {fig.get('queued', 0)} queued")
+
+    for tenant_name, upns in by_tenant.items():
+        try:
+            tenant = mailpipe.tenant(tenant_name)
+        except KeyError:
+            for u in upns:
+                failures[f"{tenant_name}:{u}"] = f"tenant {tenant_name!r} is not in the tenants file"
+            continue
+        context.log.info(f"tenant {tenant_name}: backing up {len(upns)} mailbox(es)")
+        results = mailpipe.backup(tenant, upns, skip_if_committed_since=since, progress=progress)
+        for r in results:
+            key = f"{tenant_name}:{r.upn}"
+            if r.ok:
+                done += 1
+                context.log_event(dg.AssetMaterialization(
+                    asset_key=context.asset_key, partition=key, metadata=_metadata(r),
+                    description="already committed by an earlier attempt" if r.already_committed else None))
+                context.log.info(f"{key}: snapshot {r.snapshot_id}, {r.items_total} items (+{r.items_new} "
+                                 f"~{r.items_changed} -{r.items_removed}), {r.bytes_fetched:,} B fetched, "
+                                 f"{r.bytes_stored_new:,} B stored, {r.requests} requests, {r.seconds:.1f}s")
+            else:
+                failures[key] = r.error or "failed"
+                context.log.error(f"{key}: {r.error}")
+    if failures:
+        lines = "\n".join(f"- {k}: {v}" for k, v in sorted(failures.items()))
+        raise dg.Failure(
+            description=f"{len(failures)} of {len(keys)} mailbox(es) failed (the {done} others are committed):\n{lines}",
+            metadata={"failed": dg.MetadataValue.json(failures)},
+        )
+    return
+    yield  # a generator with no output: each partition is materialized by its own event above
+
+
+mailbox_backup_job = dg.define_asset_job(
+    "mailbox_backup_job", selection=[mailbox_backup], partitions_def=mailboxes_partitions,
+    description="Back up the mailboxes of the run's partition key or key range.",
+)
