@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `mailpipe snapshots demo | head`
+        sys.stderr.close()
+        return 141
     except Exception as e:  # one clear line for expected errors; tracebacks only for bugs
         from mailpipe.errors import UserError
 

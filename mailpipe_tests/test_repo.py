@@ -321,3 +321,19 @@ def test_cli_snapshots_and_export(tmp_path):
     assert r.returncode == 2 and "unknown tenant 'nope'" in r.stderr and "acme" in r.stderr
     r = run("export", "acme", "who@acme.example", "--out", str(tmp_path / "o3"))
     assert r.returncode == 2 and "no backup of mailbox" in r.stderr
+
+
+def test_snapshot_ids_sort_by_commit_even_within_one_second(tmp_path):
+    repo = open_repository(tenant(str(tmp_path / "repo")))
+    st = repo.put_content(b"Subject: x\r\n\r\n")
+    row = {"item_id": "a", "folder_id": "f", "size": st.size, "sha256": st.sha256, "chunks": st.chunks}
+    ids = []
+    for _ in range(5):
+        w = repo.begin_snapshot(USER, "u@example.com")
+        w.add_items([row])
+        ids.append(w.commit(delta_links={}, stats={}, skipped=[]).snapshot_id)
+    assert ids == sorted(ids) and repo.latest_snapshot(USER).snapshot_id == ids[-1]
+    from mailpipe.repo.repository import new_snapshot_id
+
+    future = "29991231T235959.999999Z-abcdef"
+    assert new_snapshot_id(after=future) > future  # a clock that stepped back cannot reorder snapshots

@@ -148,7 +148,8 @@ class MailboxBackup:
             await self._run(mb)
             self.result.ok = True
         except GraphError as e:
-            self.result.error = f"{self.upn}: {e}"
+            msg = str(e)
+            self.result.error = msg if self.upn in msg else f"{self.upn}: {msg}"
             self.result.error_kind = e.kind
         except Exception as e:  # a bug or a storage failure: this mailbox fails alone
             log.exception("backup of %s failed", self.upn)
@@ -206,7 +207,8 @@ class MailboxBackup:
         # 2. the folder tree as it is now
         folders = {f.id: f for f in (await mb.list_folders())}
         live = set(folders)
-        writer = await self._io(lambda: self.repo.begin_snapshot(user_id, self.upn))
+        writer = await self._io(lambda: self.repo.begin_snapshot(
+            user_id, self.upn, after=latest.snapshot_id if latest else ""))
         try:
             # 3. deltas + downloads, pipelined
             new_links: dict[str, str] = {}

@@ -52,7 +52,7 @@ def plan_retries(instance: dg.DagsterInstance, cursor: dict, now: float, *, max_
                  per_tick: int, batch_size: int) -> tuple[list[dg.RunRequest], dict, list[str]]:
     """(run requests, new cursor, log lines). Cursor: {key: {"attempts": n, "next_at": t}}."""
     all_keys = instance.get_dynamic_partitions(PARTITIONS_NAME)
-    status = instance.get_status_by_partition(mailbox_backup.key, all_keys, mailboxes_partitions)
+    status = instance.get_status_by_partition(mailbox_backup.key, all_keys, mailboxes_partitions) or {}
     failed = {k for k, s in status.items() if s == dg.AssetPartitionStatus.FAILED}
     state = {k: v for k, v in cursor.items() if k in failed}  # recovered keys leave the cursor
     notes: list[str] = []

@@ -21,7 +21,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pyarrow as pa
@@ -39,7 +39,7 @@ FORMAT = "mailpipe-repository"
 VERSION = 1
 ZSTD_LEVEL = 3
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_SNAP_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{4,8}$")
+_SNAP_ID = re.compile(r"^\d{8}T\d{6}(\.\d{6})?Z-[0-9a-f]{4,8}$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,127}$")
 
 
@@ -100,9 +100,15 @@ def mailbox_dir(user_id: str) -> str:
     return "h-" + hashlib.sha256(user_id.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
-def new_snapshot_id(now: datetime | None = None) -> str:
+def new_snapshot_id(now: datetime | None = None, after: str | None = None) -> str:
+    """``YYYYMMDDTHHMMSS.ffffffZ-<random>``: sorts by time (to the microsecond), and — given the id of the
+    mailbox's latest snapshot — always after it, even if the clock stepped back."""
     now = now or datetime.now(timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    sid = now.strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3)
+    if after is not None and sid[:23] <= after[:23]:
+        prev = datetime.strptime(after[:22], "%Y%m%dT%H%M%S.%f").replace(tzinfo=timezone.utc)
+        sid = (prev + timedelta(microseconds=1)).strftime("%Y%m%dT%H%M%S.%fZ") + "-" + secrets.token_hex(3)
+    return sid
 
 
 def _blob_key(h: str) -> str:
@@ -226,8 +232,13 @@ class Repository:
     def _snap_prefix(self, user_id: str) -> str:
         return f"mailboxes/{mailbox_dir(user_id)}/snapshots"
 
-    def begin_snapshot(self, user_id: str, upn: str) -> SnapshotWriter:
-        return SnapshotWriter(self, user_id, upn)
+    def begin_snapshot(self, user_id: str, upn: str, *, after: str | None = None) -> SnapshotWriter:
+        """A writer for the mailbox's next snapshot; ``after``: the id of its latest snapshot (looked up
+        when not given), which the new id sorts after."""
+        if after is None:
+            latest = self.latest_snapshot(user_id)
+            after = latest.snapshot_id if latest else None
+        return SnapshotWriter(self, user_id, upn, after=after)
 
     def list_snapshots(self, user_id: str) -> list[SnapshotInfo]:
         out = []
@@ -316,7 +327,7 @@ class Repository:
 
     def write_checkpoint(self, user_id: str, rows: list[dict[str, Any]]) -> str:
         """A new checkpoint part listing items already stored (atomic: whole or absent)."""
-        name = new_snapshot_id() + "-" + secrets.token_hex(2) + ".parquet"
+        name = new_snapshot_id() + secrets.token_hex(2) + ".parquet"
         fd, tmp = tempfile.mkstemp(prefix="mailpipe-ckpt-", suffix=".parquet")
         os.close(fd)
         try:
@@ -342,11 +353,11 @@ class SnapshotWriter:
     """Streams a snapshot's manifest to a local temporary Parquet file (row group by row group), then
     uploads it, the folders table, and finally ``snapshot.json``: the commit."""
 
-    def __init__(self, repo: Repository, user_id: str, upn: str) -> None:
+    def __init__(self, repo: Repository, user_id: str, upn: str, after: str | None = None) -> None:
         self.repo = repo
         self.user_id = user_id
         self.upn = upn
-        self.snapshot_id = new_snapshot_id()
+        self.snapshot_id = new_snapshot_id(after=after if after and _SNAP_ID.match(after) and "." in after else None)
         self._dir = tempfile.mkdtemp(prefix="mailpipe-snap-")
         self._manifest_path = os.path.join(self._dir, "manifest.parquet")
         self._writer = pq.ParquetWriter(self._manifest_path, MANIFEST, compression="zstd")

@@ -425,8 +425,9 @@ class SimServer:
         m = self._resolve(mb, segs[0])
         if m.id in self.faults.fail_messages:
             st = int(self.faults.fail_messages[m.id])
-            return graph_error(st, "ErrorCorruptData" if st >= 500 else "ErrorAccessDenied",
-                               "Injected permanent failure for this item.")
+            code = {500: "ErrorCorruptData", 404: "ErrorItemNotFound", 403: "ErrorAccessDenied"}.get(
+                st, "ServiceUnavailable" if st >= 500 else "ErrorInvalidRequest")
+            return graph_error(st, code, "Injected failure for this item.")
         if len(segs) == 1:
             return web.json_response(_select(mb.message_json(m, self._rest_id(m, immutable)),
                                              request.query.get("$select")))

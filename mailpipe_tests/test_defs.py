@@ -1,0 +1,282 @@
+"""The Dagster layer with a real Dagster instance, the real engine and the simulator over real sockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from mailpipe.sim import FaultConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+KEY = dg.AssetKey("mailbox_backup")
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch, sim_factory):
+    """A simulated tenant 't1', a tenants file naming it, and a Dagster home with the project's dagster.yaml."""
+    sim = sim_factory(users=3, messages_per_mailbox=30, seed=21)
+    tfile = tmp_path / "tenants.yaml"
+    tfile.write_text(
+        "tenants:\n  - name: t1\n    tenant_id: 11111111-2222-3333-4444-555555555555\n"
+        "    client_id: 66666666-7777-8888-9999-000000000000\n    auth: {simulator: true}\n"
+        f"    graph_url: {sim.graph_url}\n    storage: {tmp_path / 'repo'}\n")
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
+    vars_ = {"MAILPIPE_TENANTS": str(tfile), "DAGSTER_HOME": str(home), "MAILPIPE_RETRY_MAX_ATTEMPTS": "3",
+             "MAILPIPE_RETRY_BASE_DELAY": "0.01", "MAILPIPE_HOME": str(tmp_path / "mp")}
+    for k, v in vars_.items():
+        monkeypatch.setenv(k, v)
+    instance = dg.DagsterInstance.from_config(str(home))
+    from mailpipe.definitions import defs as _  # noqa: F401  (loads with this env)
+    from mailpipe.defs import build_definitions
+
+    yield {"sim": sim, "home": home, "instance": instance, "defs": build_definitions(), "env": vars_,
+           "tmp": tmp_path}
+    instance.dispose()
+
+
+def register_all(e) -> list[str]:
+    from mailpipe.defs.discovery import discover_all
+    from mailpipe.defs.resources import MailpipeResource
+
+    [rep] = discover_all(MailpipeResource(), e["instance"])
+    e["instance"].add_dynamic_partitions("mailboxes", rep.new_keys)
+    return rep.new_keys
+
+
+def statuses(e, keys):
+    from mailpipe.defs.partitions import mailboxes_partitions
+
+    st = e["instance"].get_status_by_partition(KEY, keys, mailboxes_partitions) or {}  # None before any run
+    return {k: (st[k].value if st.get(k) else None) for k in keys}
+
+
+def run_job(e, tags):
+    job = e["defs"].resolve_job_def("mailbox_backup_job")
+    return job.execute_in_process(instance=e["instance"], tags=tags, raise_on_error=False)
+
+
+def test_definitions_load_fast_and_bad_tenants_file_is_clear(tmp_path):
+    code = "import sys; from mailpipe.definitions import defs; print('msgraph' in sys.modules, 'boto3' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "MAILPIPE_TENANTS"})
+    assert out.returncode == 0 and out.stdout.split() == ["False", "False"], out.stderr
+    bad = tmp_path / "t.yaml"
+    bad.write_text("tenants:\n  - name: acme\n    tenant_id: nope\n    client_id: 66666666-7777-8888-9999-000000000000\n"
+                   "    auth: {managed_identity: true}\n    storage: /tmp/x\n")
+    out = subprocess.run([sys.executable, "-c", "import mailpipe.definitions"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "MAILPIPE_TENANTS": str(bad)})
+    assert out.returncode != 0 and "tenant 'acme': field 'tenant_id'" in out.stderr
+
+
+def test_discovery_sensor_adds_sorted_keys_and_reports_vanished(env):
+    from mailpipe.defs.discovery import discover_all
+    from mailpipe.defs.resources import MailpipeResource
+    from mailpipe.defs.sensors import discover_mailboxes
+
+    inst = env["instance"]
+    ctx = dg.build_sensor_context(instance=inst, resources={"mailpipe": MailpipeResource()})
+    res = discover_mailboxes(ctx)
+    [req] = res.dynamic_partitions_requests
+    keys = list(req.partition_keys)
+    assert keys == sorted(keys) and len(keys) == 4 and all(k.startswith("t1:") for k in keys)
+    assert not any("nomailbox" in k for k in keys)
+    inst.add_dynamic_partitions("mailboxes", keys + ["t1:left@company.example"])
+    again = discover_mailboxes(dg.build_sensor_context(instance=inst, resources={"mailpipe": MailpipeResource()}))
+    assert not again.dynamic_partitions_requests
+    [rep] = discover_all(MailpipeResource(), inst)
+    assert rep.vanished == ["t1:left@company.example"] and rep.known == 4
+    assert "t1:left@company.example" in inst.get_dynamic_partitions("mailboxes")  # never deleted
+    out = subprocess.run([sys.executable, "-m", "mailpipe", "discover", "t1"], capture_output=True, text=True,
+                         timeout=120, env={**os.environ})
+    assert out.returncode == 0 and "0 new, 4 known, 1 vanished" in out.stdout
+
+
+def test_batched_run_fails_one_mailbox_and_retry_sensor_recovers_it_reusing_stored_work(env):
+    from mailpipe.defs.partitions import KeyRange
+    from mailpipe.defs.sensors import plan_retries, retry_failed_mailboxes
+
+    sim, inst = env["sim"], env["instance"]
+    keys = register_all(env)
+    victim = keys[1]
+    upn = victim.split(":", 1)[1]
+    mbox = sim.model.mailbox(upn)
+    bad_item = sorted(mbox.msgs)[len(mbox.msgs) // 2]
+    sim.set_faults(FaultConfig(fail_messages={bad_item: 503}))  # a transient error that never heals (yet)
+    result = run_job(env, KeyRange("t1", tuple(keys)).tags())
+    assert not result.success
+    st = statuses(env, keys)
+    assert st[victim] == "FAILED" and all(st[k] == "MATERIALIZED" for k in keys if k != victim)
+    failure = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"][0]
+    assert victim in failure.event_specific_data.error.message
+    first = Counter(sim.stats()["mime_downloads"].get(upn, {}))
+    assert first, "the failed attempt stored part of the mailbox"
+
+    # the sensor: the first tick only schedules the retry (backoff); nothing runs while the key is busy
+    ctx = dg.build_sensor_context(instance=inst, cursor=None)
+    tick = retry_failed_mailboxes(ctx)
+    assert not tick.run_requests and victim in json.loads(tick.cursor)
+    from dagster._core.test_utils import create_run_for_test
+
+    busy = create_run_for_test(inst, job_name="mailbox_backup_job", status=dg.DagsterRunStatus.STARTED,
+                               tags={"dagster/asset_partition_range_start": keys[0],
+                                     "dagster/asset_partition_range_end": keys[2]})
+    reqs, _, _ = plan_retries(inst, {}, time.time(), max_attempts=3, backoff_s=0, per_tick=10, batch_size=25)
+    assert reqs == []  # a queued range run covers the victim
+    inst.delete_run(busy.run_id)
+    # run retries are enabled (dagster.yaml): the failed run is marked for an automatic retry, which is
+    # pending (no daemon here); the sensor leaves the key to it
+    assert inst.get_run_by_id(result.run_id).tags.get("dagster/will_retry") == "true"
+    reqs, _, _ = plan_retries(inst, {}, time.time(), max_attempts=3, backoff_s=0, per_tick=10, batch_size=25)
+    assert reqs == []
+    inst.add_run_tags(result.run_id, {"dagster/will_retry": "false"})  # automatic retries exhausted
+    reqs, cur, _ = plan_retries(inst, {}, time.time(), max_attempts=3, backoff_s=0, per_tick=10, batch_size=25)
+    assert len(reqs) == 1 and reqs[0].tags["dagster/partition"] == victim and reqs[0].tags["tenant"] == "t1"
+    exhausted, _, notes = plan_retries(inst, {victim: {"attempts": 3, "next_at": 0}}, time.time(), max_attempts=3,
+                                       backoff_s=0, per_tick=10, batch_size=25)
+    assert exhausted == [] and "giving up" in notes[0]
+
+    sim.set_faults(FaultConfig())  # the fault is gone: the retry succeeds
+    retry = run_job(env, reqs[0].tags)
+    assert retry.success and statuses(env, [victim])[victim] == "MATERIALIZED"
+    [mat] = retry.get_asset_materialization_events()
+    md = {k: v.value for k, v in mat.event_specific_data.materialization.metadata.items()}
+    assert md["items_reused"] >= len(first) * 0.5 and md["items_total"] == len(sim.model.mailbox(upn).msgs)
+    both = Counter(sim.stats()["mime_downloads"][upn])
+    assert max(both.values()) == 1, "an item stored by the failed attempt was downloaded again"
+    # next tick: recovered, the cursor forgets it
+    tick2 = retry_failed_mailboxes(dg.build_sensor_context(instance=inst, cursor=json.dumps(cur)))
+    assert json.loads(tick2.cursor) == {}
+
+
+def test_retried_run_skips_mailboxes_committed_by_the_first_attempt(env):
+    from mailpipe.defs.partitions import KeyRange
+
+    sim = env["sim"]
+    keys = register_all(env)
+    victim = keys[0]
+    sim.set_faults(FaultConfig(fail_users={victim.split(":", 1)[1]: 403}))
+    first = run_job(env, KeyRange("t1", tuple(keys)).tags())
+    assert not first.success
+    sim.set_faults(FaultConfig())
+    sim.reset_stats()
+    retry = run_job(env, {**KeyRange("t1", tuple(keys)).tags(), "dagster/parent_run_id": first.run_id,
+                          "dagster/root_run_id": first.run_id})
+    assert retry.success
+    mats = {m.event_specific_data.materialization.partition: m.event_specific_data.materialization
+            for m in retry.get_asset_materialization_events()}
+    assert set(mats) == set(keys)
+    for k in keys:
+        assert mats[k].metadata["already_committed"].value is (k != victim)
+    st = sim.stats()
+    assert sum(st["requests"].get(k.split(":", 1)[1], {}).get("delta", 0) for k in keys if k != victim) == 0
+
+
+def test_dagster_job_execute_and_dg_launch_from_the_command_line(env):
+    keys = register_all(env)
+    cmd = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "mailpipe.definitions", "-j",
+           "mailbox_backup_job", "--tags", json.dumps({"dagster/partition": keys[0]})]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=env["tmp"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    dg_bin = Path(sys.executable).parent / "dg"
+    if dg_bin.exists():
+        out = subprocess.run([str(dg_bin), "launch", "--job", "mailbox_backup_job", "--partition", keys[1]],
+                             capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+    inst = dg.DagsterInstance.from_config(str(env["home"]))
+    from mailpipe.defs.partitions import mailboxes_partitions
+
+    st = inst.get_status_by_partition(KEY, keys[:2], mailboxes_partitions)
+    assert all(v == dg.AssetPartitionStatus.MATERIALIZED for v in st.values())
+
+
+def test_schedule_produces_batched_runs_per_tenant(env):
+    from mailpipe.defs import settings
+    from mailpipe.defs.schedules import backup_all_mailboxes
+
+    inst = env["instance"]
+    a = sorted(f"alpha:user{i:03d}@alpha.example" for i in range(60))
+    b = sorted(f"beta:user{i:03d}@beta.example" for i in range(7))
+    inst.add_dynamic_partitions("mailboxes", a)
+    inst.add_dynamic_partitions("mailboxes", b)
+    inst.add_dynamic_partitions("mailboxes", ["alpha:late@alpha.example"])  # discovered later: its own range
+    ctx = dg.build_schedule_context(instance=inst, scheduled_execution_time=datetime(2026, 11, 25, 2, tzinfo=timezone.utc))
+    reqs = list(backup_all_mailboxes(ctx))
+    covered = []
+    for r in reqs:
+        t = r.tags
+        if "dagster/partition" in t:
+            covered.append(t["dagster/partition"])
+        else:
+            all_keys = inst.get_dynamic_partitions("mailboxes")
+            i, j = all_keys.index(t["dagster/asset_partition_range_start"]), all_keys.index(t["dagster/asset_partition_range_end"])
+            covered += all_keys[i:j + 1]
+            assert j - i + 1 <= settings.BATCH_SIZE
+        assert {k.split(":")[0] for k in covered[-1:]} == {t["tenant"]}
+    assert sorted(covered) == sorted(a + b + ["alpha:late@alpha.example"])
+    assert len(reqs) == 3 + 1 + 1  # 60 = 25+25+10, beta 7, the late one
+    assert len({r.run_key for r in reqs}) == len(reqs)
+
+
+def test_webserver_and_daemon_run_a_ui_backfill_in_batches(env):
+    """What a user does in the UI: launch a backfill over t1:* (the GraphQL mutation the UI sends);
+    the daemon submits batched runs; every mailbox ends MATERIALIZED."""
+    import urllib.request
+
+    from mailpipe_tests.conftest import free_port
+
+    keys = register_all(env)
+    port = free_port()
+    penv = {**os.environ, "MAILPIPE_BATCH_SIZE": "2"}
+    bin_ = Path(sys.executable).parent
+    web = subprocess.Popen([str(bin_ / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w",
+                            str(ROOT / "workspace.yaml")], env=penv, cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = subprocess.Popen([str(bin_ / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")], env=penv,
+                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/graphql"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "webserver did not start"
+                time.sleep(0.5)
+        mutation = """mutation Launch($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+            __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+        body = json.dumps({"query": mutation, "variables": {"p": {
+            "partitionNames": keys, "assetSelection": [{"path": ["mailbox_backup"]}],
+            "tags": [{"key": "tenant", "value": "t1"}]}}}).encode()
+        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+        resp = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        assert resp["data"]["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", resp
+        deadline = time.monotonic() + 240
+        while True:
+            st = statuses(env, keys)
+            if all(v == "MATERIALIZED" for v in st.values()):
+                break
+            assert time.monotonic() < deadline, f"statuses after 240 s: {st}"
+            time.sleep(2)
+        runs = env["instance"].get_run_records(dg.RunsFilter(tags={"tenant": "t1"}))
+        assert 1 < len(runs) < len(keys)  # batched: 4 mailboxes in runs of 2
+    finally:
+        for p in (daemon, web):
+            p.terminate()
+        for p in (daemon, web):
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
