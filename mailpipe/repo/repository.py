@@ -189,7 +189,8 @@ class Repository:
                 new_chunks += 1
                 new_bytes += len(blob)
             self._remember(h)
-        return StoredContent(hashlib.sha256(data).hexdigest(), len(data), hashes, new_chunks, new_bytes)
+        whole = hashes[0] if len(hashes) == 1 else hashlib.sha256(data).hexdigest()  # one chunk: same hash
+        return StoredContent(whole, len(data), hashes, new_chunks, new_bytes)
 
     def _chunk(self, h: str, item: str) -> bytes:
         if not _HEX64.match(h):
