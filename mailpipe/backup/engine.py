@@ -159,6 +159,7 @@ class MailboxBackup:
             if mb is not None:
                 self.result.requests = mb.stats.requests
                 self.result.throttled = mb.stats.throttled
+                await self.graph.release(mb.user_id)
             self.result.bytes_fetched = self.bytes_fetched
             self.result.bytes_stored_new = self.bytes_stored_new
             self.result.seconds = round(time.monotonic() - t0, 3)

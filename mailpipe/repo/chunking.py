@@ -16,31 +16,50 @@ malformed MIME included. ``docs/FORMAT.md`` gives the reasons for the numbers.
 
 from __future__ import annotations
 
-import re
-
 SINGLE_CHUNK = 128 * 1024   # smaller messages are one chunk
 LARGE_PART = 64 * 1024      # regions at least this big get chunks of their own
 MAX_CHUNK = 1024 * 1024     # no chunk is larger
-
-_DELIM = re.compile(rb"(?m)^--[^\r\n]{0,200}\r?$")
-_BLANK = re.compile(rb"\r?\n\r?\n")
 
 PARAMS = {"scheme": "mime-parts-v1", "single_chunk": SINGLE_CHUNK, "large_part": LARGE_PART,
           "max_chunk": MAX_CHUNK}
 
 
+def _blank_end(data: bytes, pos: int) -> int:
+    """The end of the first blank line (a header block's end) at or after ``pos``, or -1."""
+    a = data.find(b"\n\r\n", pos)
+    b = data.find(b"\n\n", pos, a + 3 if a >= 0 else len(data))
+    if b >= 0:
+        return b + 2
+    return a + 3 if a >= 0 else -1
+
+
 def cut_points(data: bytes) -> list[int]:
-    """Sorted offsets (excluding 0 and len) where MIME structure begins."""
+    """Sorted offsets (excluding 0 and len) where MIME structure begins: each line starting with ``--``
+    (a boundary delimiter, up to 200 bytes long) and the end of the header block after it, plus the end
+    of the top-level header. ``bytes.find`` does the scanning (memchr speed, GB/s)."""
     n = len(data)
     cuts: set[int] = set()
-    m = _BLANK.search(data)
-    if m:
-        cuts.add(m.end())
-    for d in _DELIM.finditer(data):
-        cuts.add(d.start())
-        b = _BLANK.search(data, d.end())
-        if b:
-            cuts.add(b.end())
+    e = _blank_end(data, 0)
+    if e > 0:
+        cuts.add(e)
+    pos = 0
+    while True:
+        i = data.find(b"\n--", pos)
+        if i < 0:
+            break
+        start = i + 1
+        eol = data.find(b"\n", start, start + 202)
+        pos = start + 2
+        if eol < 0 and n - start > 202:
+            continue  # a line starting with "--" but longer than a delimiter can be
+        cuts.add(start)
+        e = _blank_end(data, eol if eol >= 0 else n)
+        if e > 0:
+            cuts.add(e)
+        if eol > pos:
+            pos = eol
+    if data.startswith(b"--"):
+        cuts.add(0)
     return sorted(c for c in cuts if 0 < c < n)
 
 

@@ -151,6 +151,7 @@ class MessageSpec:
     is_draft: bool
     huge: bool         # carries the > 25 MB attachment
     received: datetime
+    plain: bool = False  # text + HTML only, no attachments (small mailboxes for memory benchmarks)
 
 
 def headers_of(spec: MessageSpec) -> dict[str, str]:
@@ -232,9 +233,11 @@ def _generate(spec: MessageSpec) -> bytes:
 
     attachments: list[Attachment] = []
     related: Attachment | None = None
+    if spec.plain:
+        kind = 1.0
     if kind < 0.08:  # an inline image
         related = Attachment("logo.png", "image/png", rng.randbytes(rng.randint(2_000, 40_000)), "logo@cid")
-    if rng.random() < 0.32:
+    if rng.random() < 0.32 and not spec.plain:
         for _ in range(1 if rng.random() < 0.8 else rng.randint(2, 4)):
             r = rng.random()
             if r < 0.35:
@@ -248,7 +251,7 @@ def _generate(spec: MessageSpec) -> bytes:
     if spec.huge:
         attachments.append(_huge(spec.tenant_seed))
     inner: bytes | None = None
-    if rng.random() < 0.03:  # a forwarded message as an attachment
+    if rng.random() < 0.03 and not spec.plain:  # a forwarded message as an attachment
         inner = (b"From: someone@partner.example.org\r\nTo: " + spec.owner.encode() +
                  b"\r\nSubject: Original message\r\nDate: " + date +
                  b"\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" +

@@ -70,6 +70,7 @@ class SimConfigModel:
     mailbox_sizes: dict[str, int] = field(default_factory=dict)
     huge_attachments: bool = False
     huge_attachment_every: int = 0
+    plain: bool = False  # messages without attachments (text + HTML only)
     state_dir: str | None = None
 
 
@@ -209,7 +210,7 @@ class Mailbox:
         return mime.MessageSpec(
             tenant_seed=self.model.cfg.seed, seed=int.from_bytes(hashlib.sha256(m.id.encode()).digest()[:6], "big"),
             version=m.version, domain=self.model.domain, owner=self.user.upn, owner_name=self.user.display_name,
-            is_draft=m.is_draft, huge=m.huge, received=m.received,
+            is_draft=m.is_draft, huge=m.huge, received=m.received, plain=self.model.cfg.plain,
         )
 
     def mime(self, m: Msg) -> bytes:
