@@ -337,3 +337,15 @@ def test_snapshot_ids_sort_by_commit_even_within_one_second(tmp_path):
 
     future = "29991231T235959.999999Z-abcdef"
     assert new_snapshot_id(after=future) > future  # a clock that stepped back cannot reorder snapshots
+
+
+def test_checkpoint_compaction_keeps_every_row(repo_and_tenant):
+    repo, _ = repo_and_tenant
+    st = repo.put_content(b"Subject: c\r\n\r\nx\r\n")
+    for part in range(5):
+        repo.write_checkpoint(USER, [{"item_id": f"p{part}-{i}", "change_key": "ck", "is_draft": False,
+                                      "sha256": st.sha256, "chunks": st.chunks, "size": st.size} for i in range(3)])
+    assert repo.compact_checkpoints(USER) == 5
+    assert len(repo.list_checkpoints(USER)) == 1
+    got = sorted(r["item_id"] for b in repo.iter_checkpoint_rows(USER) for r in b.to_pylist())
+    assert got == sorted(f"p{p}-{i}" for p in range(5) for i in range(3))

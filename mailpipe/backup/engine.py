@@ -37,7 +37,8 @@ from mailpipe.config import TenantConfig
 log = logging.getLogger("mailpipe.backup")
 
 CHECKPOINT_SECONDS = float(os.environ.get("MAILPIPE_CHECKPOINT_SECONDS", "2"))
-CHECKPOINT_ITEMS = int(os.environ.get("MAILPIPE_CHECKPOINT_ITEMS", "200"))
+CHECKPOINT_ITEMS = int(os.environ.get("MAILPIPE_CHECKPOINT_ITEMS", "25"))
+CHECKPOINT_COMPACT_PARTS = 64  # merge the parts every so often: a restart reads few objects
 PROGRESS_SECONDS = 10.0
 DELTA_PAGE_SIZE = 500
 FOLDER_SCANNERS = 2          # folders whose delta is read at the same time, per mailbox
@@ -129,6 +130,8 @@ class MailboxBackup:
         self._progress_at = time.monotonic()
         self._fatal: BaseException | None = None
         self._listings = 0
+        self._ckpt_parts = 0
+        self._compacting = asyncio.Lock()
         self.bytes_fetched = 0
         self.bytes_stored_new = 0
 
@@ -354,6 +357,10 @@ class MailboxBackup:
         self._ckpt_at = now
         user_id = self.result.user_id
         await self._io(lambda: self.repo.write_checkpoint(user_id, rows))
+        self._ckpt_parts += 1
+        if self._ckpt_parts % CHECKPOINT_COMPACT_PARTS == 0:
+            async with self._compacting:
+                await self._io(lambda: self.repo.compact_checkpoints(user_id))
 
     def _report(self, force: bool = False) -> None:
         if self.progress is None:
