@@ -27,6 +27,14 @@ from aiohttp import web
 from mailpipe.sim.model import Mailbox, Msg, NotFound, TenantModel, TokenError
 
 
+def _checked(cls: Any, d: dict[str, Any], what: str) -> Any:
+    """``cls(**d)``, refusing unknown option names with a clear message."""
+    unknown = set(d) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {what} option(s): {', '.join(sorted(unknown))}")
+    return cls(**d)
+
+
 @dataclass
 class FaultConfig:
     latency_ms: float = 0.0
@@ -44,11 +52,7 @@ class FaultConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FaultConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown fault option(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return _checked(cls, d, "fault")
 
 
 @dataclass
@@ -61,11 +65,7 @@ class LimitConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LimitConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown limit option(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return _checked(cls, d, "limit")
 
 
 class _Reset(Exception):

@@ -1,0 +1,10 @@
+"""Run every benchmark and print their figures: `.venv/bin/python -m bench` (or `make bench`)."""
+
+from bench import backup_bench, repo_bench, sim_rps
+
+if __name__ == "__main__":
+    sim_rps.main()
+    print()
+    repo_bench.main([])
+    print()
+    backup_bench.main([])
