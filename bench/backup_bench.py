@@ -142,7 +142,7 @@ def peak_rss_of_backup(work: str, items: int) -> tuple[float, float]:
     cfg = SimConfig(users=0, mailbox_sizes={"big": items}, seed=3, plain=True,
                     limits=LimitConfig(window_requests=10**9))
     with SimProcess(cfg) as sim:
-        upn = next(u for u in sim.truth()["mailboxes"] if u.startswith("big"))
+        upn = next(u for u in sim.truth(hashes=False)["mailboxes"] if u.startswith("big"))
         env = {**os.environ, "MAILPIPE_TENANTS": _tenants_file(work, sim, f"p5-{items}")}
         t0 = time.perf_counter()
         p = subprocess.Popen([sys.executable, "-m", "mailpipe", "backup", "bench", upn, "--json"], env=env,

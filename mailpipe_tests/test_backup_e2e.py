@@ -205,3 +205,15 @@ def test_sigkill_mid_backup_then_restart_downloads_only_what_was_not_stored(tmp_
         assert len(again) <= 40  # one checkpoint interval (25 items) + the downloads in flight (6)
         assert snapshot_items(repo, uid, verify=False) == truth_items(sim.truth(), upn)
         assert list(repo.iter_checkpoint_rows(uid)) == []  # cleaned up after the commit
+
+
+def test_item_deleted_while_downloading_is_dropped_not_failed(sim_factory, tmp_path):
+    sim = sim_factory(users=1, messages_per_mailbox=20, faults=FaultConfig(p_slow_body=0.3, slow_body_ms=50))
+    upn = mailbox_upns(sim)[0]
+    gone = sorted(sim.model.mailbox(upn).msgs)[2]
+    sim.set_faults(FaultConfig(fail_messages={gone: 404}, p_slow_body=0.3, slow_body_ms=50))
+    t = make_tenant(sim, str(tmp_path / "repo"))
+    [r] = backup(t, [upn])
+    assert r.ok and r.items_skipped == 0 and r.items_total == len(sim.model.mailbox(upn).msgs) - 1
+    assert gone not in snapshot_items(open_repository(t), r.user_id)  # slow bodies arrived whole (verified)
+    assert sim.stats()["faults_injected"][upn].get("slow_body", 0) > 0

@@ -6,10 +6,15 @@ metadata and failures. Nothing heavy (msgraph, boto3) is imported when the defin
 
 from __future__ import annotations
 
-import dagster as dg
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # importing dagster costs ~100 MB: not for `mailpipe backup` and friends
+    import dagster as dg
 
 
 def build_definitions() -> dg.Definitions:
+    import dagster as dg
+
     from mailpipe.config import load_tenants
     from mailpipe.defs.assets import mailbox_backup, mailbox_backup_job
     from mailpipe.defs.resources import MailpipeResource

@@ -77,8 +77,10 @@ class _Endpoint:
     def reset_stats(self) -> None:
         self._admin("POST", "stats/reset", {})
 
-    def truth(self, user: str | None = None) -> dict[str, Any]:
-        return self._admin("GET", "truth" + (f"?user={user}" if user else ""))
+    def truth(self, user: str | None = None, hashes: bool = True) -> dict[str, Any]:
+        """Every mailbox as it is now; ``hashes=False`` skips generating every item's MIME (big mailboxes)."""
+        q = "&".join(x for x in (f"user={user}" if user else "", "" if hashes else "hashes=0") if x)
+        return self._admin("GET", "truth" + (f"?{q}" if q else ""))
 
     def mutate(self, user: str, ops: list[dict] | None = None, *, random: int = 0, seed: int = 0) -> dict:
         return self._admin("POST", "mutate", {"user": user, "ops": ops or [], "random": random, "seed": seed})
@@ -150,8 +152,8 @@ class Simulator(_Endpoint):
     def reset_stats(self) -> None:
         self.server.reset_stats()
 
-    def truth(self, user: str | None = None) -> dict[str, Any]:
-        return self.model.truth(user)
+    def truth(self, user: str | None = None, hashes: bool = True) -> dict[str, Any]:
+        return self.model.truth(user, hashes)
 
     def set_faults(self, faults: FaultConfig | dict) -> None:
         self.server.faults = faults if isinstance(faults, FaultConfig) else FaultConfig.from_dict(faults)
