@@ -1,6 +1,6 @@
 """Run every benchmark and print their figures: `.venv/bin/python -m bench` (or `make bench`)."""
 
-from bench import backup_bench, repo_bench, sim_rps
+from bench import backup_bench, dagster_bench, repo_bench, sim_rps
 
 if __name__ == "__main__":
     sim_rps.main()
@@ -8,3 +8,5 @@ if __name__ == "__main__":
     repo_bench.main([])
     print()
     backup_bench.main([])
+    print()
+    dagster_bench.main([])
