@@ -2,7 +2,8 @@
 
 Prints:
 1. one mailbox's items/s as a ratio of the ceiling the simulator's limits allow (target >= 0.9);
-2. aggregate items/s for 20 mailboxes in one call / (20 x one mailbox) (target >= 0.8);
+2. aggregate items/s for 20 mailboxes in one call / (20 x one mailbox) (target >= 0.8), and again with a
+   per-mailbox window low enough that 20 mailboxes fit in one process's CPU (isolates the concurrency design);
 3. Graph requests per item of a full backup (target <= 1.05), and the requests of a no-change incremental;
 4. items downloaded again after a SIGKILL at ~50 % / items stored before the kill (target <= 0.02);
 5. peak RSS of the backup process for mailboxes of 10k and 100k items (target: flat, < 500 MB).
@@ -40,9 +41,9 @@ def tenant(sim, storage: str, window: int = OUR_WINDOW) -> TenantConfig:
                         storage=storage, graph_url=sim.graph_url, limits=Limits(4, window))
 
 
-def realistic(**kw) -> SimConfig:
+def realistic(window_requests: int = WINDOW_REQ, **kw) -> SimConfig:
     return SimConfig(faults=FaultConfig(latency_ms=LATENCY_MS, jitter_ms=JITTER_MS),
-                     limits=LimitConfig(concurrent_per_mailbox=4, window_requests=WINDOW_REQ,
+                     limits=LimitConfig(concurrent_per_mailbox=4, window_requests=window_requests,
                                         window_seconds=WINDOW_S), **kw)
 
 
@@ -81,24 +82,36 @@ def part1_3(work: str) -> dict:
 
 
 def part2(work: str, n: int = 20, size: int = 300) -> dict:
-    print(f"2. {n} mailboxes of {size} items in one call vs one alone (same limits and latency)")
-    cfg = realistic(users=0, mailbox_sizes={f"m{i:02d}": size for i in range(n)}, seed=9)
-    with SimProcess(cfg) as sim:
-        upns = sorted(u for u in sim.truth()["mailboxes"] if u.startswith("m"))
-        t = tenant(sim, os.path.join(work, "p2"))
-        [one], s1 = run(t, upns[:1])
-        r1 = one.items_total / s1
-        c0 = cpu_seconds(sim.pid)
-        cpu0 = time.process_time()
-        res, s20 = run(tenant(sim, os.path.join(work, "p2b")), upns)
-        items = sum(r.items_total for r in res)
-        agg = items / s20
-        line("one mailbox: items/s", f"{r1:.1f}")
-        line(f"{n} mailboxes: items/s ({items} items in {s20:.1f} s)", f"{agg:.1f}")
-        line("2. aggregate / (n x one) (target >= 0.8)", f"{agg / (n * r1):.3f}")
-        line("   CPU: backup process (this one), simulator",
-             f"{time.process_time() - cpu0:.1f} s, {cpu_seconds(sim.pid) - c0:.1f} s over {s20:.1f} s wall")
-    return {"ratio2": agg / (n * r1)}
+    """2 runs twice. (a) The target's figure: the same limits and latency as part 1 (30 requests/s per
+    mailbox, so 20 mailboxes could take ~580 items/s). (b) The same mailboxes with a window of 4
+    requests/s per mailbox, so the aggregate (~80 items/s) stays well inside one process's CPU budget:
+    this isolates the concurrency design (does one mailbox hold up another?) from the CPU per item."""
+    out = {}
+    for tag, wreq, our, sz in (("a", WINDOW_REQ, OUR_WINDOW, size), ("b", 40, 38, size // 3)):
+        rps = min(4 / (LATENCY_MS / 1000), wreq / WINDOW_S)
+        print(f"2{tag}. {n} mailboxes of {sz} items in one call vs one alone ({rps:.0f} requests/s per mailbox)")
+        cfg = realistic(users=0, mailbox_sizes={f"m{i:02d}": sz for i in range(n)}, seed=9, window_requests=wreq)
+        with SimProcess(cfg) as sim:
+            upns = sorted(u for u in sim.truth()["mailboxes"] if u.startswith("m"))
+            [one], s1 = run(tenant(sim, os.path.join(work, f"p2{tag}1"), our), upns[:1])
+            r1 = one.items_total / s1
+            c0 = cpu_seconds(sim.pid)
+            cpu0 = time.process_time()
+            res, s20 = run(tenant(sim, os.path.join(work, f"p2{tag}"), our), upns)
+            cpu_us, cpu_sim = time.process_time() - cpu0, cpu_seconds(sim.pid) - c0
+            items = sum(r.items_total for r in res)
+            agg = items / s20
+            line("one mailbox: items/s", f"{r1:.1f}")
+            line(f"{n} mailboxes: items/s ({items} items in {s20:.1f} s)", f"{agg:.1f}")
+            label = "2. aggregate / (n x one) (target >= 0.8)" if tag == "a" else "2b. aggregate / (n x one), CPU-light"
+            line(label, f"{agg / (n * r1):.3f}")
+            line("   CPU: backup process (this one), simulator",
+                 f"{cpu_us:.1f} s, {cpu_sim:.1f} s over {s20:.1f} s wall "
+                 f"({1000 * cpu_us / items:.1f} + {1000 * cpu_sim / items:.1f} ms per item; "
+                 f"backup process at {100 * cpu_us / s20:.0f} % of one core; {os.cpu_count()} cores)")
+            out[f"ratio2{tag}"] = agg / (n * r1)
+    out["ratio2"] = out["ratio2a"]
+    return out
 
 
 def _tenants_file(work: str, sim, name: str) -> str:
