@@ -38,6 +38,30 @@ def make_tenant(sim, storage: str, *, name: str = "t1", s3: S3Config | None = No
     return TenantConfig(**fields)
 
 
+def client_certificate(directory, name):
+    """An RSA key and a self-signed certificate, as an admin makes for an Entra app registration: returns
+    (PEM file with key + certificate for the credential, PEM of the public certificate for the tenant)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"mailpipe {name}")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    path = directory / f"{name}.pem"
+    path.write_bytes(key_pem + cert_pem)
+    return str(path), cert_pem.decode(), key_pem.decode()
+
+
 @pytest.fixture
 def sim_factory():
     """Start simulators in this process; all are stopped at the end of the test."""

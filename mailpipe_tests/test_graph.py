@@ -20,7 +20,7 @@ from mailpipe.graph import (
 )
 from mailpipe.graph.errors import from_status
 from mailpipe.sim import FaultConfig, LimitConfig, SimConfig, start_simulator
-from mailpipe_tests.conftest import make_tenant
+from mailpipe_tests.conftest import client_certificate, make_tenant
 
 FAST = RetryPolicy(max_attempts=4, base_delay=0.01, max_delay=0.05)
 
@@ -213,6 +213,39 @@ def test_tls_token_endpoint_with_client_secret_credential(tmp_path, monkeypatch,
             run(go(t))
         assert "T1_SECRET" in str(e2.value)
     assert secret not in caplog.text and "wrong" not in caplog.text.replace("wrong secret", "")
+
+
+def test_tls_token_endpoint_with_certificate_credential(tmp_path, caplog):
+    """The production path Microsoft recommends: CertificateCredential signs a JWT client assertion,
+    which the simulator's token endpoint checks against the certificate registered for the app."""
+    client_id = "66666666-7777-8888-9999-000000000000"
+    good, good_cert, good_key = client_certificate(tmp_path, "registered")
+    other, _, other_key = client_certificate(tmp_path, "unregistered")
+    cfg = SimConfig(users=1, messages_per_mailbox=5, tls=True, client_certificates={client_id: good_cert},
+                    state_dir=str(tmp_path / "sim"))
+    caplog.set_level(logging.DEBUG)
+    with start_simulator(cfg) as sim:
+        def tenant(pem):
+            return make_tenant(sim, str(tmp_path), auth=AuthConfig(certificate_path=pem), ca_bundle=sim.ca_file,
+                               tenant_id=sim.model.tenant_id, client_id=client_id)
+
+        async def go(t):
+            async with GraphTenant.from_config(t, policy=FAST) as g:
+                res = await g.list_mailboxes()
+                mb = g.mailbox(res.mailboxes[0].id, res.mailboxes[0].upn)
+                return res, await mb.list_folders()
+
+        res, folders = run(go(tenant(good)))
+        assert len(res.mailboxes) == 2 and folders
+        assert sim.stats()["requests"]["_tenant"]["token"] >= 1
+        with pytest.raises(ForbiddenError) as e:
+            run(go(tenant(other)))
+        assert "AADSTS700027" in str(e.value)
+        with pytest.raises(Exception) as e2:
+            run(go(tenant(str(tmp_path / "missing.pem"))))
+        assert "certificate_path" in str(e2.value)
+    body = lambda pem: pem.splitlines()[1]  # noqa: E731 - a line of base64 from inside the key
+    assert body(good_key) not in caplog.text and body(other_key) not in caplog.text
 
 
 def test_error_classification():

@@ -296,6 +296,47 @@ def test_tls_token_endpoint_and_revocation(tmp_path):
             httpx.get(f"{sim.graph_url}/users", timeout=10)
 
 
+def test_token_endpoint_checks_certificate_assertions(tmp_path):
+    """Client assertions are checked as Entra checks them: key, signature, audience, lifetime, subject."""
+    import base64
+    import time
+
+    import jwt
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from mailpipe_tests.conftest import client_certificate
+
+    _, cert_pem, key_pem = client_certificate(tmp_path, "app")
+    _, _, other_key_pem = client_certificate(tmp_path, "other")
+    cert = x509.load_pem_x509_certificate(cert_pem.encode())
+    x5t = {"x5t": base64.urlsafe_b64encode(cert.fingerprint(hashes.SHA1())).decode().rstrip("="),
+           "x5t#S256": base64.urlsafe_b64encode(cert.fingerprint(hashes.SHA256())).decode()}
+    cfg = SimConfig(users=1, messages_per_mailbox=5, tls=True, client_certificates={"cid": cert_pem},
+                    state_dir=str(tmp_path / "sim"))
+    with start_simulator(cfg) as sim:
+        c = httpx.Client(verify=sim.ca_file, timeout=30)
+        url = f"{sim.authority}/{sim.model.tenant_id}/oauth2/v2.0/token"
+
+        def ask(alg="RS256", head="x5t", key=key_pem, cid="cid", **claims):
+            now = int(time.time())
+            body = {"aud": url, "iss": "cid", "sub": "cid", "nbf": now, "exp": now + 600, "jti": "j", **claims}
+            k = serialization.load_pem_private_key(key.encode(), None)
+            assertion = jwt.encode(body, k, algorithm=alg, headers={head: x5t[head]})
+            r = c.post(url, data={"grant_type": "client_credentials", "client_id": cid, "scope": "x",
+                                  "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                                  "client_assertion": assertion})
+            return r.status_code, r.json().get("error_codes", [0])[0]
+
+        assert ask() == (200, 0)
+        assert ask(alg="PS256", head="x5t#S256") == (200, 0)
+        assert ask(key=other_key_pem) == (401, 700027)             # right thumbprint, wrong key
+        assert ask(cid="someone-else", iss="someone-else", sub="someone-else") == (401, 700027)
+        assert ask(exp=int(time.time()) - 3600) == (401, 700024)
+        assert ask(aud="https://login.microsoftonline.com/x/oauth2/v2.0/token") == (401, 700212)
+        assert ask(sub="not-cid") == (401, 700021)
+
+
 def test_state_dir_persists_mutations_and_tokens(tmp_path):
     cfg = SimConfig(users=1, messages_per_mailbox=30, state_dir=str(tmp_path))
     with start_simulator(cfg) as sim:

@@ -33,6 +33,7 @@ __all__ = ["FaultConfig", "LimitConfig", "SimConfig", "SimProcess", "Simulator",
 class SimConfig(SimConfigModel):
     tls: bool = False
     clients: dict[str, str] = field(default_factory=dict)  # client_id -> client secret (token endpoint)
+    client_certificates: dict[str, str] = field(default_factory=dict)  # client_id -> PEM public certificate
     token_lifetime_s: int = 3600
     faults: FaultConfig = field(default_factory=FaultConfig)
     limits: LimitConfig = field(default_factory=LimitConfig)
@@ -126,7 +127,8 @@ class Simulator(_Endpoint):
             d = self.cfg.state_dir or tempfile.mkdtemp(prefix="mailpipe-sim-tls-")
             self.ca_file, ssl_ctx = make_ca_and_server_context(d)
         self.server = SimServer(self.model, self.cfg.faults, self.cfg.limits, oauth=self.cfg.tls,
-                                clients=self.cfg.clients, token_lifetime_s=self.cfg.token_lifetime_s)
+                                clients=self.cfg.clients, token_lifetime_s=self.cfg.token_lifetime_s,
+                                client_certificates=self.cfg.client_certificates)
         self._thread.start()
 
         async def boot() -> int:

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tls", action="store_true", help="serve HTTPS with a generated CA, plus the OAuth routes")
     s.add_argument("--client", action="append", default=[], metavar="ID:ENV",
                    help="with --tls: accept client ID with the secret held by environment variable ENV")
+    s.add_argument("--client-cert", action="append", default=[], metavar="ID:PEM",
+                   help="with --tls: accept client ID signing its assertions with the key of the certificate "
+                        "in file PEM (the public certificate, as uploaded to an Entra app registration)")
     s.add_argument("--latency-ms", type=float, help="added latency per mailbox request")
     s.add_argument("--jitter-ms", type=float, help="random +/- jitter on the latency")
     for f in ("429", "503", "504", "reset", "empty-page"):
@@ -70,6 +73,15 @@ def _serve(args: argparse.Namespace) -> int:
                 raise UserError(f"--client {cid}: environment variable {env!r} is not set")
             clients[cid] = os.environ[env]
         d["clients"] = clients
+        certs = dict(d.get("client_certificates") or {})
+        for c in args.client_cert:
+            cid, _, path = c.partition(":")
+            try:
+                with open(path, encoding="ascii") as f:
+                    certs[cid] = f.read()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UserError(f"--client-cert {cid}: cannot read the PEM certificate {path!r}: {e}") from None
+        d["client_certificates"] = certs
         faults = dict(d.get("faults") or {})
         for flag, key in (("latency_ms", "latency_ms"), ("jitter_ms", "jitter_ms"), ("p_429", "p_429"),
                           ("p_503", "p_503"), ("p_504", "p_504"), ("p_reset", "p_reset"),

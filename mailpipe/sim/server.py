@@ -23,6 +23,8 @@ from typing import Any
 from urllib.parse import quote
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 
 from mailpipe.sim.model import Mailbox, Msg, NotFound, TenantModel, TokenError
 
@@ -87,16 +89,28 @@ class _MailboxCounters:
         self.window: deque[float] = deque()
 
 
+def _oauth_error(error: str, code: int, description: str) -> web.Response:
+    return web.json_response({"error": error, "error_description": f"AADSTS{code}: {description}",
+                              "error_codes": [code]}, status=401 if error == "invalid_client" else 400)
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
 class SimServer:
     """The aiohttp application around a :class:`TenantModel`."""
 
     def __init__(self, model: TenantModel, faults: FaultConfig, limits: LimitConfig, *, oauth: bool,
-                 clients: dict[str, str], token_lifetime_s: int, base_url: str = "") -> None:
+                 clients: dict[str, str], token_lifetime_s: int, base_url: str = "",
+                 client_certificates: dict[str, str] | None = None) -> None:
         self.model = model
         self.faults = faults
         self.limits = limits
         self.oauth = oauth
         self.clients = clients
+        self.client_certs = {cid: x509.load_pem_x509_certificate(pem.encode())
+                             for cid, pem in (client_certificates or {}).items()}
         self.token_lifetime_s = token_lifetime_s
         self.base_url = base_url
         self.rng = random.Random(model.cfg.seed ^ 0x5EED)
@@ -144,7 +158,7 @@ class SimServer:
             if segs and segs[0].lower() == "v1.0":
                 return await self.graph(request, segs[1:])
             if len(segs) >= 2 and segs[-3:] == ["oauth2", "v2.0", "token"] and self.oauth:
-                return await self.token(request)
+                return await self.token(request, segs[-4])
             if len(segs) >= 3 and segs[-2:] == [".well-known", "openid-configuration"] and self.oauth:
                 return self.openid(request, segs[0])
             return graph_error(404, "UnknownPath", f"no such route: {request.method} {raw}")
@@ -168,21 +182,59 @@ class SimServer:
             "id_token_signing_alg_values_supported": ["RS256"], "tenant_region_scope": "EU",
         })
 
-    async def token(self, request: web.Request) -> web.Response:
+    async def token(self, request: web.Request, tenant: str) -> web.Response:
+        """Client credentials grant with a client secret, or with a certificate (a signed JWT client
+        assertion, ``private_key_jwt``: RS256 + ``x5t`` or PS256 + ``x5t#S256``), as Entra ID accepts."""
         form = await request.post()
         self.requests["_tenant"]["token"] += 1
-        cid, secret = form.get("client_id", ""), form.get("client_secret", "")
-        if form.get("grant_type") != "client_credentials" or cid not in self.clients \
-                or not secrets.compare_digest(str(self.clients[cid]), str(secret)):
-            return web.json_response({
-                "error": "invalid_client",
-                "error_description": "AADSTS7000215: Invalid client secret provided. Ensure the secret being "
-                                     "sent in the request is the client secret value, not the client secret ID.",
-                "error_codes": [7000215]}, status=401)
+        cid = str(form.get("client_id", ""))
+        if form.get("grant_type") != "client_credentials":
+            return _oauth_error("unsupported_grant_type", 9002313, "Invalid request: only client_credentials.")
+        if "client_assertion" in form:
+            problem = self._check_assertion(cid, str(form.get("client_assertion_type", "")),
+                                            str(form["client_assertion"]), f"{self.base_url}/{tenant}/oauth2/v2.0/token")
+            if problem:
+                return _oauth_error("invalid_client", *problem)
+        elif cid not in self.clients or not secrets.compare_digest(str(self.clients[cid]),
+                                                                    str(form.get("client_secret", ""))):
+            return _oauth_error("invalid_client", 7000215, "Invalid client secret provided. Ensure the secret "
+                                "being sent in the request is the client secret value, not the client secret ID.")
         tok = "simtok." + secrets.token_urlsafe(24)
         self.tokens[tok] = time.monotonic() + self.token_lifetime_s
         return web.json_response({"token_type": "Bearer", "expires_in": self.token_lifetime_s,
                                   "ext_expires_in": self.token_lifetime_s, "access_token": tok})
+
+    def _check_assertion(self, cid: str, kind: str, assertion: str, audience: str) -> tuple[int, str] | None:
+        """``None`` if ``assertion`` is a valid client assertion for ``cid``, else (AADSTS code, message)."""
+        import jwt
+
+        if kind != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer":
+            return 70002, f"client_assertion_type {kind!r} is not supported."
+        cert = self.client_certs.get(cid)
+        if cert is None:
+            return 700027, "Client assertion failed signature validation. [Reason - The key was not found.]"
+        try:
+            header = jwt.get_unverified_header(assertion)
+        except jwt.PyJWTError:
+            return 50027, "Invalid JWT token. Token format not valid."
+        thumbs = {"x5t": _b64url(cert.fingerprint(hashes.SHA1())),  # noqa: S303 - Entra's legacy thumbprint
+                  "x5t#S256": _b64url(cert.fingerprint(hashes.SHA256()))}
+        # azure-identity keeps the base64 padding, MSAL strips it; Entra takes both
+        if not any(str(header.get(h, "")).rstrip("=") == v for h, v in thumbs.items()):
+            return 700027, "Client assertion failed signature validation. [Reason - The key was not found.]"
+        try:
+            claims = jwt.decode(assertion, cert.public_key(), algorithms=["RS256", "PS256"], audience=audience,
+                                issuer=cid, options={"require": ["exp", "aud", "iss", "sub"]}, leeway=300)
+        except jwt.ExpiredSignatureError:
+            return 700024, "Client assertion is not within its valid time range."
+        except jwt.InvalidAudienceError:
+            return 700212, f"No matching federated identity record found for presented assertion audience. " \
+                           f"[expected {audience}]"
+        except jwt.PyJWTError as e:
+            return 700027, f"Client assertion failed signature validation. [Reason - {type(e).__name__}]"
+        if claims.get("sub") != cid:
+            return 700021, "Client assertion application identifier doesn't match 'client_id' parameter."
+        return None
 
     def revoke_tokens(self) -> None:
         self.tokens.clear()
