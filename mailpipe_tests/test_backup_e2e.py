@@ -94,6 +94,11 @@ def test_rounds_of_changes_and_faults_match_ground_truth(sim_factory, tmp_path):
     for snaps, truth in history:
         for upn, (uid, sid) in snaps.items():
             assert snapshot_items(repo, uid, sid, verify=False) == truth_items(truth, upn)
+    # and the whole repository passes `mailpipe check --read-data` (every snapshot, every chunk)
+    from mailpipe.repo.check import check_repository
+
+    chk = check_repository(repo, repo.list_mailboxes(), read_data=True)
+    assert chk.ok and chk.snapshots == 4 * len(upns), chk.problems[:5]
     assert sum(sum(v.values()) for v in sim.stats()["faults_injected"].values()) > 0
 
 

@@ -292,24 +292,31 @@ def test_s3_prefix_isolation(s3_bucket):
         LocalStore("/tmp").put_bytes("a/../../etc/x", b"no")
 
 
-def test_cli_snapshots_and_export(tmp_path):
+def acme_cli(tmp_path):
+    """A tenants file with tenant 'acme' on a local repository: (the repository, run `mailpipe ARGS...`)."""
     tfile = tmp_path / "tenants.yaml"
     repo_dir = tmp_path / "repo"
     tfile.write_text(
         "tenants:\n  - name: acme\n    tenant_id: 11111111-2222-3333-4444-555555555555\n"
         "    client_id: 66666666-7777-8888-9999-000000000000\n    auth: {simulator: true}\n"
         f"    graph_url: http://127.0.0.1:9/v1.0\n    storage: {repo_dir}\n")
-    t = tenant(str(repo_dir), name="acme")
-    repo = open_repository(t)
+    env = {**os.environ, "MAILPIPE_TENANTS": str(tfile)}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "mailpipe", *args], capture_output=True, text=True, env=env,
+                              timeout=120)
+
+    return open_repository(tenant(str(repo_dir), name="acme")), run
+
+
+def test_cli_snapshots_and_export(tmp_path):
+    repo, run = acme_cli(tmp_path)
     data = TRICKY["mixed-endings"]
     st = repo.put_content(data)
     w = repo.begin_snapshot(USER, "adele@acme.example")
     w.add_items([{"item_id": "AAMk=1", "folder_id": "f", "folder_path": ["Inbox", "Sub/Dir"], "size": st.size,
                   "sha256": st.sha256, "chunks": st.chunks, "sender": "x@y"}])
     info = w.commit(delta_links={}, stats={"bytes_stored_new": 10}, skipped=[])
-    env = {**os.environ, "MAILPIPE_TENANTS": str(tfile)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "mailpipe", *a], capture_output=True, text=True,  # noqa
-                                    env=env, timeout=120)
     r = run("snapshots", "acme")
     assert r.returncode == 0 and info.snapshot_id in r.stdout and "adele@acme.example" in r.stdout
     r = run("export", "acme", "adele@acme.example", "--out", str(tmp_path / "out"))
@@ -321,6 +328,65 @@ def test_cli_snapshots_and_export(tmp_path):
     assert r.returncode == 2 and "unknown tenant 'nope'" in r.stderr and "acme" in r.stderr
     r = run("export", "acme", "who@acme.example", "--out", str(tmp_path / "o3"))
     assert r.returncode == 2 and "no backup of mailbox" in r.stderr
+
+
+def test_check_finds_missing_and_damaged_chunks_naming_the_items(repo_and_tenant, tmp_path):
+    """`mailpipe check`: every snapshot of every mailbox; a missing chunk is found from the listing, a damaged
+    one only by --read-data; each affected item (in every mailbox and snapshot sharing it) is named."""
+    from mailpipe.repo.check import check_repository
+
+    repo, _ = repo_and_tenant
+    shared = random.Random(5).randbytes(300_000)
+    users = {"11111111-0000-0000-0000-00000000000a": "a@x.example", "11111111-0000-0000-0000-00000000000b": "b@x.example"}
+    for n, (uid, upn) in enumerate(users.items()):
+        for round_ in range(2):  # two snapshots per mailbox
+            rows = []
+            for i in range(3):
+                st = repo.put_content(message(10 * n + i, shared if i == 0 else None))
+                rows.append({"item_id": f"{upn}-{i}", "folder_id": "F", "folder_path": ["Inbox"], "size": st.size,
+                             "sha256": st.sha256, "chunks": st.chunks})
+            w = repo.begin_snapshot(uid, upn)
+            w.add_items(rows)
+            w.set_folders([{"folder_id": "F", "parent_id": None, "display_name": "Inbox", "path": ["Inbox"]}])
+            w.commit(delta_links={}, stats={}, skipped=[])
+    everyone = repo.list_mailboxes()
+    res = check_repository(repo, everyone)
+    assert res.ok and (res.mailboxes, res.snapshots, res.items) == (2, 4, 12) and res.chunks >= 5
+    full = check_repository(repo, everyone, read_data=True)
+    assert full.ok and full.chunks_read == full.chunks == res.chunks and full.bytes_read > 300_000
+
+    att = repo.put_content(message(0, shared)).chunks[1]  # a chunk of the shared attachment
+    key = f"blobs/{att[:2]}/{att}"
+    good = repo.store.get_bytes(key)
+    import zstandard
+
+    raw = zstandard.ZstdDecompressor().decompress(good)
+    repo.store.put_bytes(key, zstandard.ZstdCompressor().compress(raw[:-1] + bytes([raw[-1] ^ 1])))
+    assert check_repository(repo, everyone).ok  # present: the quick check cannot see inside
+    bad = check_repository(repo, everyone, read_data=True)
+    assert not bad.ok and bad.problem_count == 4  # item 0 of both mailboxes, in both snapshots
+    assert any(att in p and "corrupt" in p for p in bad.problems)
+    assert {p.split(" snapshot ")[0] for p in bad.problems} == set(users.values())
+    repo.store.delete(key)
+    gone = check_repository(repo, everyone, snapshot="latest")
+    assert gone.problem_count == 2 and all("missing" in p and "-0:" in p for p in gone.problems)
+    repo.store.put_bytes(key, good)
+    assert check_repository(repo, everyone, read_data=True).ok
+
+
+def test_cli_check(tmp_path):
+    repo, mailpipe = acme_cli(tmp_path)
+    st = repo.put_content(TRICKY["crlf"])
+    w = repo.begin_snapshot(USER, "adele@acme.example")
+    w.add_items([{"item_id": "AAMk=1", "folder_id": "f", "folder_path": ["Inbox"], "size": st.size,
+                  "sha256": st.sha256, "chunks": st.chunks}])
+    w.set_folders([{"folder_id": "f", "parent_id": None, "display_name": "Inbox", "path": ["Inbox"]}])
+    w.commit(delta_links={}, stats={}, skipped=[])
+    r = mailpipe("check", "acme", "--read-data")
+    assert r.returncode == 0 and "1 mailboxes, 1 snapshots, 1 manifest rows" in r.stderr and "no problems" in r.stderr
+    repo.store.delete(f"blobs/{st.chunks[0][:2]}/{st.chunks[0]}")
+    r = mailpipe("check", "acme", "adele@acme.example")
+    assert r.returncode == 3 and "AAMk=1" in r.stdout and "missing" in r.stdout and "1 PROBLEMS" in r.stderr
 
 
 def test_snapshot_ids_sort_by_commit_even_within_one_second(tmp_path):

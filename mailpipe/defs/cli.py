@@ -151,6 +151,7 @@ def _demo(args: argparse.Namespace) -> int:
 done in {time.monotonic() - t0:.1f}s. Snapshots are in {tenant.storage}
   list them:     mailpipe snapshots {DEMO_TENANT}
   export one:    mailpipe export {DEMO_TENANT} {upn} --out /tmp/mailpipe-export
+  check them:    mailpipe check {DEMO_TENANT} --read-data
   open the UI:   DAGSTER_HOME={home} .venv/bin/dagster dev -m mailpipe.definitions -h 127.0.0.1 -p 3000""")
     failed = [k for r in (first, second) for k, v in r.items() if "error" in v]
     return 1 if failed else 0

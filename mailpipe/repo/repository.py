@@ -226,6 +226,17 @@ class Repository:
         if pending is not None:
             yield pending
 
+    def verify_chunk(self, h: str, *, item: str = "item") -> int:
+        """Download, decompress and hash one chunk: its length, or :class:`IntegrityError` naming ``item``."""
+        return len(self._chunk(h, item))
+
+    def iter_chunk_names(self) -> Iterator[str]:
+        """Every chunk in the repository (one listing of ``blobs/``)."""
+        for key in self.store.list("blobs"):
+            name = key.rsplit("/", 1)[-1]
+            if _HEX64.match(name):
+                yield name
+
     def read_content(self, sha256: str, chunks: list[str], size: int, *, item: str = "item") -> bytes:
         return b"".join(self.iter_content(sha256, chunks, size, item=item))
 
