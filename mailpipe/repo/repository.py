@@ -121,7 +121,7 @@ class Repository:
         self.tenant = tenant
         self.info = info
         self._known: OrderedDict[str, None] = OrderedDict()  # chunks known to exist (bounded LRU)
-        self._known_max = 1_000_000
+        self._known_max = 200_000  # ~40 MB: the hot set of shared attachments, not every chunk ever seen
         self._lock = threading.Lock()
         self._tls = threading.local()
 
