@@ -28,7 +28,7 @@ from collections import Counter
 from bench.common import cpu_seconds, line
 from mailpipe.backup import backup_mailboxes
 from mailpipe.config import AuthConfig, Limits, TenantConfig
-from mailpipe.sim import FaultConfig, LimitConfig, SimConfig, SimProcess
+from mailpipe.sim import FaultConfig, LimitConfig, SimConfig, SimProcess, write_tenants_file
 
 LATENCY_MS, JITTER_MS = 60, 15
 WINDOW_REQ, WINDOW_S = 300, 10  # the simulator's per-mailbox window: 30 requests/s
@@ -115,13 +115,8 @@ def part2(work: str, n: int = 20, size: int = 300) -> dict:
 
 
 def _tenants_file(work: str, sim, name: str) -> str:
-    p = os.path.join(work, f"{name}.yaml")
-    with open(p, "w") as f:
-        f.write("tenants:\n  - name: bench\n    tenant_id: 11111111-2222-3333-4444-555555555555\n"
-                "    client_id: 66666666-7777-8888-9999-000000000000\n    auth: {simulator: true}\n"
-                f"    graph_url: {sim.graph_url}\n    storage: {os.path.join(work, name)}\n"
-                "    limits: {requests_per_10min_per_mailbox: 1000000}\n")
-    return p
+    return write_tenants_file(os.path.join(work, f"{name}.yaml"), "bench", sim.graph_url, os.path.join(work, name),
+                              limits={"requests_per_10min_per_mailbox": 1000000})
 
 
 def part4(work: str, size: int = 3000) -> dict:

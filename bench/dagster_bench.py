@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 
 from bench.common import line
-from mailpipe.sim import SimConfig, SimProcess
+from mailpipe.sim import SimConfig, SimProcess, write_tenants_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,12 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = SimConfig(users=0, plain=True, seed=2,
                     mailbox_sizes={f"u{i:04d}": args.messages for i in range(args.mailboxes)})
     with tempfile.TemporaryDirectory(prefix="mailpipe-bench-") as work, SimProcess(cfg) as sim:
-        tfile = os.path.join(work, "tenants.yaml")
-        with open(tfile, "w") as f:
-            f.write("tenants:\n  - name: b\n    tenant_id: 11111111-2222-3333-4444-555555555555\n"
-                    "    client_id: 66666666-7777-8888-9999-000000000000\n    auth: {simulator: true}\n"
-                    f"    graph_url: {sim.graph_url}\n    storage: {os.path.join(work, 'repo')}\n"
-                    "    mailboxes: {include: ['u*']}\n")
+        tfile = write_tenants_file(os.path.join(work, "tenants.yaml"), "b", sim.graph_url,
+                                   os.path.join(work, "repo"), mailboxes={"include": ["u*"]})
         home = os.path.join(work, "dagster_home")
         os.makedirs(home)
         shutil.copyfile(ROOT / "dagster.yaml", os.path.join(home, "dagster.yaml"))

@@ -146,6 +146,16 @@ def load_tenants(path: str | os.PathLike[str] | None = None) -> list[TenantConfi
     return parse_tenants(doc, source=str(p))
 
 
+def find_tenant(name: str, path: str | os.PathLike[str] | None = None) -> TenantConfig:
+    """The configured tenant called ``name`` (see :func:`load_tenants`); a :class:`UserError` naming the
+    configured ones when there is none."""
+    tenants = load_tenants(path)
+    for t in tenants:
+        if t.name == name:
+            return t
+    raise UserError(f"unknown tenant {name!r}; configured: {', '.join(t.name for t in tenants)}")
+
+
 def parse_tenants(doc: Any, source: str = "<tenants>") -> list[TenantConfig]:
     if not isinstance(doc, dict) or not isinstance(doc.get("tenants"), list) or not doc["tenants"]:
         raise ConfigError(f"{source}: expected a mapping with a non-empty list 'tenants:'")

@@ -12,12 +12,11 @@ import sys
 import time
 from collections import Counter
 
-import pytest
 
 from mailpipe.backup import backup_mailboxes
 from mailpipe.graph import RetryPolicy
 from mailpipe.repo import open_repository
-from mailpipe.sim import FaultConfig, SimConfig, SimProcess
+from mailpipe.sim import FaultConfig, SimConfig, SimProcess, write_tenants_file
 from mailpipe_tests.conftest import make_tenant
 
 FAST = {"policy": RetryPolicy(max_attempts=8, base_delay=0.02, max_delay=0.2)}
@@ -163,23 +162,14 @@ def test_unknown_mailbox_fails_clearly(sim_factory, tmp_path):
     assert not b.ok and b.error_kind == "no-mailbox"
 
 
-def _tenants_file(tmp_path, sim, repo_dir):
-    p = tmp_path / "tenants.yaml"
-    p.write_text(
-        "tenants:\n  - name: t1\n    tenant_id: 11111111-2222-3333-4444-555555555555\n"
-        "    client_id: 66666666-7777-8888-9999-000000000000\n    auth: {simulator: true}\n"
-        f"    graph_url: {sim.graph_url}\n    storage: {repo_dir}\n")
-    return p
-
-
 def test_sigkill_mid_backup_then_restart_downloads_only_what_was_not_stored(tmp_path):
     cfg = SimConfig(users=1, messages_per_mailbox=700, seed=5, faults=FaultConfig(latency_ms=15, jitter_ms=5))
     with SimProcess(cfg) as sim:
         upn = next(iter(sim.truth()["mailboxes"]))
         total = len(sim.truth()["mailboxes"][upn]["items"])
         repo_dir = tmp_path / "repo"
-        env = {**os.environ, "MAILPIPE_TENANTS": str(_tenants_file(tmp_path, sim, repo_dir)),
-               "MAILPIPE_CHECKPOINT_SECONDS": "0.5"}
+        env = {**os.environ, "MAILPIPE_CHECKPOINT_SECONDS": "0.5",
+               "MAILPIPE_TENANTS": write_tenants_file(tmp_path / "tenants.yaml", "t1", sim.graph_url, repo_dir)}
         cmd = [sys.executable, "-m", "mailpipe", "backup", "t1", upn, "--json"]
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
@@ -191,7 +181,6 @@ def test_sigkill_mid_backup_then_restart_downloads_only_what_was_not_stored(tmp_
             time.sleep(0.05)
         os.kill(p.pid, signal.SIGKILL)
         p.wait(30)
-        first = Counter(sim.stats()["mime_downloads"][upn])
         t = make_tenant(sim, str(repo_dir), name="t1")
         repo = open_repository(t, create=False)
         uid = sim.truth()["mailboxes"][upn]["id"]
@@ -205,7 +194,6 @@ def test_sigkill_mid_backup_then_restart_downloads_only_what_was_not_stored(tmp_
         both = Counter(sim.stats()["mime_downloads"][upn])
         again = {i for i, n in both.items() if n > 1}
         assert not (again & checkpointed), "an item stored and checkpointed before the kill was downloaded again"
-        stored_before = len(first)
         # what was downloaded again is at most the last checkpoint window (+ downloads in flight)
         assert len(again) <= 40  # one checkpoint interval (25 items) + the downloads in flight (6)
         assert snapshot_items(repo, uid, verify=False) == truth_items(sim.truth(), upn)

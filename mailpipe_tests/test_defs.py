@@ -15,7 +15,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from mailpipe.sim import FaultConfig
+from mailpipe.sim import FaultConfig, write_tenants_file
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = dg.AssetKey("mailbox_backup")
@@ -25,11 +25,7 @@ KEY = dg.AssetKey("mailbox_backup")
 def env(tmp_path, monkeypatch, sim_factory):
     """A simulated tenant 't1', a tenants file naming it, and a Dagster home with the project's dagster.yaml."""
     sim = sim_factory(users=3, messages_per_mailbox=30, seed=21)
-    tfile = tmp_path / "tenants.yaml"
-    tfile.write_text(
-        "tenants:\n  - name: t1\n    tenant_id: 11111111-2222-3333-4444-555555555555\n"
-        "    client_id: 66666666-7777-8888-9999-000000000000\n    auth: {simulator: true}\n"
-        f"    graph_url: {sim.graph_url}\n    storage: {tmp_path / 'repo'}\n")
+    tfile = write_tenants_file(tmp_path / "tenants.yaml", "t1", sim.graph_url, tmp_path / "repo")
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")

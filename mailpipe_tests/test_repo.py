@@ -294,13 +294,11 @@ def test_s3_prefix_isolation(s3_bucket):
 
 def acme_cli(tmp_path):
     """A tenants file with tenant 'acme' on a local repository: (the repository, run `mailpipe ARGS...`)."""
-    tfile = tmp_path / "tenants.yaml"
-    repo_dir = tmp_path / "repo"
-    tfile.write_text(
-        "tenants:\n  - name: acme\n    tenant_id: 11111111-2222-3333-4444-555555555555\n"
-        "    client_id: 66666666-7777-8888-9999-000000000000\n    auth: {simulator: true}\n"
-        f"    graph_url: http://127.0.0.1:9/v1.0\n    storage: {repo_dir}\n")
-    env = {**os.environ, "MAILPIPE_TENANTS": str(tfile)}
+    from mailpipe.sim import write_tenants_file
+
+    repo_dir = tmp_path / "repo"  # no Graph needed: these commands read the repository only
+    tfile = write_tenants_file(tmp_path / "tenants.yaml", "acme", "http://127.0.0.1:9/v1.0", repo_dir)
+    env = {**os.environ, "MAILPIPE_TENANTS": tfile}
 
     def run(*args):
         return subprocess.run([sys.executable, "-m", "mailpipe", *args], capture_output=True, text=True, env=env,

@@ -7,8 +7,6 @@ import json
 import logging
 import sys
 
-from mailpipe.errors import UserError
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -27,18 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_backup)
 
 
-def find_tenant(name: str):
-    from mailpipe.config import load_tenants
-
-    tenants = load_tenants()
-    for t in tenants:
-        if t.name == name:
-            return t
-    raise UserError(f"unknown tenant {name!r}; configured: {', '.join(t.name for t in tenants)}")
-
-
 def _backup(args: argparse.Namespace) -> int:
     from mailpipe.backup import backup_mailboxes, discover_mailboxes, run
+    from mailpipe.config import find_tenant
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)

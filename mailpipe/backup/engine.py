@@ -26,7 +26,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -89,14 +88,6 @@ async def backup_many(
             return list(await asyncio.gather(*(one(u) for u in upns)))
     finally:
         pool.shutdown(wait=True)
-
-
-@dataclass
-class _Folder:
-    id: str
-    path: tuple[str, ...]
-    parent_id: str | None
-    display_name: str
 
 
 class MailboxBackup:
@@ -311,7 +302,7 @@ class MailboxBackup:
         await self._queue.put(item_id)
 
     async def _fetch_worker(self, mb: Any, state: BackupState) -> None:
-        from mailpipe.graph.errors import ForbiddenError, GraphError, NotFoundError, PermanentError
+        from mailpipe.graph.errors import ForbiddenError, NotFoundError, PermanentError
 
         while True:
             item_id = await self._queue.get()
@@ -327,10 +318,7 @@ class MailboxBackup:
             except (PermanentError, ForbiddenError) as e:
                 state.skip(item_id, f"{e.kind}: {e}")
                 continue
-            except GraphError as e:
-                self._fatal = e
-                continue
-            except Exception as e:
+            except Exception as e:  # throttling/5xx beyond the retry budget, or a bug: the mailbox fails
                 self._fatal = e
                 continue
             self.bytes_fetched += len(data)
@@ -402,23 +390,15 @@ def _message_meta(m: Any) -> dict[str, Any]:
     }
 
 
-def _parse_ts(v: Any) -> datetime | None:
-    if v is None or isinstance(v, datetime):
-        return v
-    return datetime.fromisoformat(str(v))
-
-
-def _manifest_row(r: dict[str, Any], folders: dict[str, _Folder]) -> dict[str, Any]:
-    r["folder_path"] = list(folders[r["folder_id"]].path)
-    for k in ("received_at", "last_modified_at", "created_at"):
-        r[k] = _parse_ts(r[k])
+def _manifest_row(r: dict[str, Any], folders: dict[str, Any]) -> dict[str, Any]:
+    r["folder_path"] = list(folders[r["folder_id"]].path)  # timestamps are parsed by schema.to_batch
     return r
 
 
 def _folder_rows(folders: dict[str, Any]) -> list[dict[str, Any]]:
     return [
         {"folder_id": f.id, "parent_id": f.parent_id, "display_name": f.display_name, "path": list(f.path),
-         "total_item_count": getattr(f, "total_item_count", None)}
+         "total_item_count": f.total_item_count}
         for f in sorted(folders.values(), key=lambda f: f.path)
     ]
 

@@ -11,6 +11,7 @@ import dagster as dg
 from mailpipe.defs.partitions import mailboxes_partitions, split_key
 from mailpipe.defs.resources import MailpipeResource
 from mailpipe.defs.settings import BATCH_SIZE
+from mailpipe.errors import UserError
 
 PROGRESS_LOG_SECONDS = 10.0
 # BackfillPolicy is marked beta in 1.13; it is the documented way to batch backfills, and we pin Dagster
@@ -69,9 +70,9 @@ def mailbox_backup(context: dg.AssetExecutionContext, mailpipe: MailpipeResource
     for tenant_name, upns in by_tenant.items():
         try:
             tenant = mailpipe.tenant(tenant_name)
-        except KeyError:
+        except UserError as e:  # a partition of a tenant no longer in the tenants file
             for u in upns:
-                failures[f"{tenant_name}:{u}"] = f"tenant {tenant_name!r} is not in the tenants file"
+                failures[f"{tenant_name}:{u}"] = str(e)
             continue
         context.log.info(f"tenant {tenant_name}: backing up {len(upns)} mailbox(es)")
         results = mailpipe.backup(tenant, upns, skip_if_committed_since=since, progress=progress)

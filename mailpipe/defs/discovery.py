@@ -56,9 +56,5 @@ def discover_tenant(resource: MailpipeResource, instance: dg.DagsterInstance, te
 
 def discover_all(resource: MailpipeResource, instance: dg.DagsterInstance, only: str | None = None
                  ) -> list[TenantDiscovery]:
-    tenants = [t for t in resource.tenants() if only is None or t.name == only]
-    if only is not None and not tenants:
-        from mailpipe.errors import UserError
-
-        raise UserError(f"unknown tenant {only!r}; configured: {', '.join(t.name for t in resource.tenants())}")
+    tenants = resource.tenants() if only is None else [resource.tenant(only)]
     return [discover_tenant(resource, instance, t) for t in tenants]

@@ -8,7 +8,7 @@ from typing import Any
 
 import dagster as dg
 
-from mailpipe.config import TenantConfig, load_tenants
+from mailpipe.config import TenantConfig, find_tenant, load_tenants
 
 
 class MailpipeResource(dg.ConfigurableResource):
@@ -24,10 +24,8 @@ class MailpipeResource(dg.ConfigurableResource):
         return load_tenants(self.tenants_file)
 
     def tenant(self, name: str) -> TenantConfig:
-        for t in self.tenants():
-            if t.name == name:
-                return t
-        raise KeyError(name)
+        """The tenant ``name``; a UserError naming the configured tenants when there is none."""
+        return find_tenant(name, self.tenants_file)
 
     def s3_client(self, tenant: TenantConfig) -> Any:
         if not tenant.storage_is_s3:

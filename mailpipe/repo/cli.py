@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _repo(tenant_name: str):
-    from mailpipe.backup.cli import find_tenant
+    from mailpipe.config import find_tenant
     from mailpipe.repo import open_repository
 
     return open_repository(find_tenant(tenant_name), create=False)

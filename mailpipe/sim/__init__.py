@@ -26,7 +26,7 @@ from typing import Any
 from mailpipe.sim.model import SimConfigModel, TenantModel
 from mailpipe.sim.server import FaultConfig, LimitConfig, SimServer
 
-__all__ = ["FaultConfig", "LimitConfig", "SimConfig", "SimProcess", "Simulator", "start_simulator"]
+__all__ = ["FaultConfig", "LimitConfig", "SimConfig", "SimProcess", "Simulator", "start_simulator", "write_tenants_file"]
 
 
 @dataclass
@@ -189,6 +189,20 @@ class Simulator(_Endpoint):
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+def write_tenants_file(path: str | os.PathLike, name: str, graph_url: str, storage: str | os.PathLike,
+                       **extra: Any) -> str:
+    """Write a tenants file (docs/CONFIG.md) with one tenant ``name`` on the simulator at ``graph_url``;
+    ``extra``: more fields of that tenant (``mailboxes``, ``limits``...). Returns the path."""
+    import yaml
+
+    tenant = {"name": name, "tenant_id": "11111111-2222-3333-4444-555555555555",
+              "client_id": "66666666-7777-8888-9999-000000000000", "auth": {"simulator": True},
+              "graph_url": graph_url, "storage": str(storage), **extra}
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump({"tenants": [tenant]}, f, sort_keys=False)
+    return str(path)
 
 
 def start_simulator(cfg: SimConfig | None = None, port: int = 0) -> Simulator:

@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:

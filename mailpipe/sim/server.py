@@ -12,7 +12,6 @@ import base64
 import email
 import email.policy
 import hashlib
-import json
 import random
 import re
 import secrets
