@@ -379,3 +379,206 @@ def test_embedded_starts_exactly_one_process(tmp_path):
     finally:
         info = json.load(open(os.path.join(state, "server.json")))
         os.kill(info["pid"], 15)
+
+
+# faults of an item's content ($value) and of delta -----------------------------------------------------------
+
+def value_url(sim, uid, mid):
+    return f"{sim.graph_url}/users/{uid}/messages/{mid}/$value"
+
+
+def some_items(sim, upn, n):
+    return sorted(i["id"] for i in sim.truth(upn, hashes=False)["mailboxes"][upn]["items"])[:n]
+
+
+def test_value_faults_answer_errors_but_the_metadata_answers_200(sim_factory):
+    sim = sim_factory(users=1, messages_per_mailbox=20)
+    upn, uid = first_user(sim)
+    a, b, c, d, e = some_items(sim, upn, 5)
+    statuses = {a: 404, b: 403, c: 500, d: 503}
+    # set at run time over HTTP, as a test in another process would
+    r = httpx.post(f"{sim.base_url}/_sim/faults", json={"fail_values": statuses}, timeout=10)
+    assert r.status_code == 200 and r.json()["fail_values"] == statuses
+    codes = {404: "ErrorItemNotFound", 403: "ErrorAccessDenied", 500: "ErrorCorruptData", 503: "ServiceUnavailable"}
+    for mid, st in statuses.items():
+        for _ in range(2):  # every time, not once
+            r = get(value_url(sim, uid, mid))
+            assert r.status_code == st and r.json()["error"]["code"] == codes[st]
+        meta = get(f"{sim.graph_url}/users/{uid}/messages/{mid}")
+        assert meta.status_code == 200 and meta.json()["id"] == mid
+    assert get(value_url(sim, uid, e)).status_code == 200  # other items are served
+    sim.set_faults(FaultConfig(p_404_value=1.0))
+    r = get(value_url(sim, uid, e))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "ErrorItemNotFound"
+    assert get(f"{sim.graph_url}/users/{uid}/messages/{e}").status_code == 200
+    sim.set_faults(FaultConfig())
+    r = get(value_url(sim, uid, a))
+    assert r.status_code == 200 and r.content == sim.model.mailbox(upn).mime(sim.model.mailbox(upn).msgs[a])
+    inj = sim.stats()["faults_injected"][upn]
+    assert inj["fail_value"] == 8 and inj["404_value"] == 1
+    bad = httpx.post(f"{sim.base_url}/_sim/faults", json={"fail_value": {a: 404}}, timeout=10)
+    assert bad.status_code == 400 and "unknown fault option(s): fail_value" in bad.text
+    for wrong in ({"bad_values": {a: "xml"}}, {"expired_token_status": 500}):
+        assert httpx.post(f"{sim.base_url}/_sim/faults", json=wrong, timeout=10).status_code == 400
+
+
+def test_bad_values_answer_200_with_an_html_page_or_nothing(sim_factory):
+    sim = sim_factory(users=1, messages_per_mailbox=20)
+    upn, uid = first_user(sim)
+    a, b, c = some_items(sim, upn, 3)
+    sim.set_faults(FaultConfig(bad_values={a: "html", b: "empty"}))
+    for _ in range(2):
+        r = get(value_url(sim, uid, a))
+        assert r.status_code == 200 and r.headers["content-type"] == "text/html; charset=utf-8"
+        assert r.content.startswith(b"<!DOCTYPE html>") and b"<title>502 Bad Gateway</title>" in r.content
+        r = get(value_url(sim, uid, b))
+        assert r.status_code == 200 and r.content == b"" and r.headers["content-length"] == "0"
+        assert r.headers["content-type"].startswith("text/plain")
+    assert get(f"{sim.graph_url}/users/{uid}/messages/{a}").status_code == 200
+    mb = sim.model.mailbox(upn)
+    assert get(value_url(sim, uid, c)).content == mb.mime(mb.msgs[c])
+    sim.set_faults(FaultConfig(p_html_value=1.0))
+    assert get(value_url(sim, uid, c)).headers["content-type"] == "text/html; charset=utf-8"
+    sim.set_faults(FaultConfig(p_empty_value=1.0))
+    assert get(value_url(sim, uid, c)).content == b""
+    sim.set_faults(FaultConfig(p_html_value=0.5, p_empty_value=0.5))
+    kinds = {get(value_url(sim, uid, c)).headers["content-type"].split(";")[0] for _ in range(20)}
+    assert kinds >= {"text/html"}  # random, one-off: with these odds also some text/plain (empty or real)
+    inj = sim.stats()["faults_injected"][upn]
+    assert inj["html_value"] >= 4 and inj["empty_value"] >= 3
+
+
+def test_trickle_sends_one_byte_per_interval_and_survives_the_client_leaving(sim_factory):
+    import time
+
+    sim = sim_factory(users=1, messages_per_mailbox=20)
+    upn, uid = first_user(sim)
+    a, b = some_items(sim, upn, 2)
+    mb = sim.model.mailbox(upn)
+    full = mb.mime(mb.msgs[a])
+    sim.set_faults(FaultConfig(trickle_values=[a], trickle_interval_s=0.2))
+    chunks, times = [], []
+    t0 = time.monotonic()
+    with httpx.stream("GET", value_url(sim, uid, a), headers=H, timeout=httpx.Timeout(10, read=2)) as r:
+        assert r.status_code == 200 and int(r.headers["content-length"]) == len(full)
+        for chunk in r.iter_raw():
+            chunks.append(chunk)
+            times.append(time.monotonic() - t0)
+            if len(chunks) == 4:
+                break
+    assert chunks == [full[i:i + 1] for i in range(4)]  # one byte at a time: the start of the real MIME
+    assert 0.7 <= times[-1] <= 2.0 and all(0.1 < y - x < 0.6 for x, y in zip(times, times[1:])), times
+    # a client with a read timeout shorter than the interval gives up, and the server does not mind
+    with pytest.raises(httpx.ReadTimeout):
+        with httpx.stream("GET", value_url(sim, uid, a), headers=H, timeout=httpx.Timeout(10, read=0.1)) as r:
+            for _ in r.iter_raw():
+                pass
+    deadline = time.monotonic() + 5
+    while sim.server.counters[uid].inflight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sim.server.counters[uid].inflight == 0  # both slots freed
+    assert get(value_url(sim, uid, b)).status_code == 200
+    assert get(f"{sim.graph_url}/users/{uid}/messages/{a}").status_code == 200
+    assert sim.stats()["faults_injected"][upn]["trickle_value"] == 2
+
+
+def _read_until_broken(url, after_first, timeout=10):
+    """Stream ``url``; call ``after_first()`` once the first bytes arrived; return (bytes read, the error)."""
+    got = b""
+    try:
+        with httpx.stream("GET", url, headers=H, timeout=timeout) as r:
+            assert r.status_code == 200
+            n = int(r.headers["content-length"])
+            for chunk in r.iter_raw():
+                if not got:
+                    after_first()
+                got += chunk
+    except httpx.TransportError as e:
+        return got, n, e
+    return got, n, None
+
+
+def test_an_item_deleted_during_its_slow_body_breaks_the_download(sim_factory):
+    sim = sim_factory(users=1, messages_per_mailbox=30, faults=FaultConfig(p_slow_body=1.0, slow_body_ms=3000))
+    upn, uid = first_user(sim)
+    mb = sim.model.mailbox(upn)
+    a = some_items(sim, upn, 1)[0]
+    got, n, err = _read_until_broken(value_url(sim, uid, a),
+                                     lambda: sim.mutate(upn, [{"op": "delete", "ids": [a]}]))
+    assert isinstance(err, httpx.RemoteProtocolError) and 0 < len(got) < n  # an incomplete body
+    r = get(value_url(sim, uid, a))
+    assert r.status_code == 404 and r.json()["error"]["code"] == "ErrorItemNotFound"
+    # the trickle too, with the item's folder deleted
+    sim.set_faults(FaultConfig(trickle_values=list(mb.msgs), trickle_interval_s=0.1))
+    b, custom = next((m.id, m.folder) for m in mb.msgs.values() if not mb.folders[m.folder].well_known)
+    got, n, err = _read_until_broken(value_url(sim, uid, b),
+                                     lambda: sim.mutate(upn, [{"op": "delete_folder", "id": custom}]))
+    assert isinstance(err, httpx.RemoteProtocolError) and 0 < len(got) < 5
+    assert get(value_url(sim, uid, b)).status_code == 404
+    assert get(f"{sim.graph_url}/users/{uid}/messages/{b}").status_code == 404
+    inj = sim.stats()["faults_injected"][upn]
+    assert inj["deleted_mid_body"] == 2 and inj["slow_body"] == 1 and inj["trickle_value"] == 1
+
+
+@pytest.mark.parametrize("status,code", [(410, "SyncStateNotFound"), (400, "ErrorInvalidRequest"),
+                                         (404, "ErrorItemNotFound")])
+def test_unusable_delta_tokens_answer_the_configured_status(sim_factory, status, code):
+    sim = sim_factory(users=1, messages_per_mailbox=10, faults=FaultConfig(expired_token_status=status))
+    upn, uid = first_user(sim)
+    _, _, link, _ = delta_all(sim, uid, "inbox")
+    folder_link = get(f"{sim.graph_url}/users/{uid}/mailFolders/delta()").json()["@odata.deltaLink"]
+    tok = link.split("$deltatoken=")[1]
+    tampered = link.replace(tok, tok[:-3] + ("AAA" if tok[-3:] != "AAA" else "BBB"))
+    sim.expire_delta_tokens(upn)
+    for url in (tampered, link, folder_link):
+        r = get(url)
+        assert r.status_code == status and r.json()["error"]["code"] == code, r.text
+        assert ("Location" in r.headers) == (status == 410)
+    if status == 400:
+        assert "The delta token is invalid" in r.json()["error"]["message"]
+    if status == 404:
+        assert "sync state could not be found" in r.json()["error"]["message"]
+    assert sim.stats()["faults_injected"].get(upn, {}).get(f"token_{status}", 0) == (0 if status == 410 else 3)
+
+
+def _delta_raw(sim, uid, folder, page=5):
+    url, items = f"{sim.graph_url}/users/{uid}/mailFolders/{folder}/messages/delta()", []
+    while url:
+        body = get(url, {"Prefer": f'IdType="ImmutableId", odata.maxpagesize={page}'}).json()
+        items += body["value"]
+        url = body.get("@odata.nextLink")
+    return items
+
+
+def test_delta_items_without_id_are_deterministic(sim_factory):
+    runs = []
+    for _ in range(2):
+        sim = sim_factory(users=1, messages_per_mailbox=60, seed=3, faults=FaultConfig(p_item_without_id=0.25))
+        upn, uid = first_user(sim)
+        items = _delta_raw(sim, uid, "inbox")
+        runs.append([v.get("id") for v in items])
+        no_id = [v for v in items if "id" not in v]
+        assert 0 < len(no_id) < len(items)
+        assert all(v["subject"] and v["parentFolderId"] and v["internetMessageId"] for v in no_id)
+        assert sim.stats()["faults_injected"][upn]["item_without_id"] == len(no_id)
+        mb = sim.model.mailbox(upn)
+        inbox = [m for m in mb.msgs.values() if m.folder == mb.folder_id("inbox")]
+        truth = {mb.message_json(m, m.id)["internetMessageId"] for m in inbox}
+        assert {v["internetMessageId"] for v in items} == truth  # still in the ground truth
+    assert runs[0] == runs[1]
+
+
+def test_new_faults_at_zero_draw_no_random_numbers(sim_factory):
+    """Existing tests rely on the RNG streams: a request draws what it drew before these faults existed."""
+    import random
+
+    sim = sim_factory(users=1, messages_per_mailbox=20)
+    upn, uid = first_user(sim)
+    a = some_items(sim, upn, 1)[0]
+    rng = sim.server.rng
+    for url in (value_url(sim, uid, a), f"{sim.graph_url}/users/{uid}/mailFolders/inbox/messages/delta()"):
+        expected = random.Random()
+        expected.setstate(rng.getstate())
+        expected.random()  # the per-request draw of p_429 / p_503 / p_504 / p_reset
+        assert get(url).status_code == 200
+        assert rng.getstate() == expected.getstate()

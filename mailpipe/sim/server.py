@@ -36,8 +36,33 @@ def _checked(cls: Any, d: dict[str, Any], what: str) -> Any:
     return cls(**d)
 
 
+# what a gateway in front of Exchange answers with a 200 instead of the item (``bad_values``, ``p_*_value``)
+_BAD_BODIES: dict[str, tuple[bytes, str]] = {
+    "html": (b"<!DOCTYPE html>\r\n<html><head><title>502 Bad Gateway</title></head>\r\n<body>\r\n"
+             b"<center><h1>502 Bad Gateway</h1></center>\r\n<hr><center>Microsoft-Azure-Application-Gateway/v2"
+             b"</center>\r\n</body>\r\n</html>\r\n", "text/html; charset=utf-8"),
+    "empty": (b"", "text/plain"),
+}
+
+# how an unusable (expired, unknown, tampered, foreign) delta token is answered: Graph sends all three
+_TOKEN_ERRORS: dict[int, tuple[str, str]] = {
+    410: ("SyncStateNotFound", "The sync state could not be found ({}); restart the synchronization from an "
+                               "empty token."),
+    400: ("ErrorInvalidRequest", "The delta token is invalid. ({})"),
+    404: ("ErrorItemNotFound", "The sync state could not be found. ({})"),
+}
+
+# the error code Exchange gives a failing item (``fail_messages``, ``fail_values``)
+_ITEM_ERRORS = {500: "ErrorCorruptData", 404: "ErrorItemNotFound", 403: "ErrorAccessDenied"}
+
+
 @dataclass
 class FaultConfig:
+    """Faults injected into mailbox endpoints (docs/SIMULATOR.md), all off by default.
+
+    Probabilities are drawn from the server's seeded RNG, and a probability that is 0 draws nothing: a new
+    fault kind never shifts the random stream (so the behaviour) of the older ones."""
+
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
     p_429: float = 0.0
@@ -50,6 +75,28 @@ class FaultConfig:
     p_empty_page: float = 0.0
     fail_messages: dict[str, int] = field(default_factory=dict)  # immutable id -> status, forever
     fail_users: dict[str, int] = field(default_factory=dict)     # upn -> status for every mail endpoint
+    # faults of GET .../messages/{id}/$value only: the item's metadata GET keeps answering 200, which is how a
+    # client tells a transient or body-only failure from a deleted item
+    p_404_value: float = 0.0    # 404 ErrorItemNotFound for an item that exists (replication lag, item being moved)
+    fail_values: dict[str, int] = field(default_factory=dict)    # immutable id -> status of its $value, forever
+    bad_values: dict[str, str] = field(default_factory=dict)     # immutable id -> "html" | "empty", with a 200
+    p_html_value: float = 0.0   # a 200 whose body is a gateway's HTML error page
+    p_empty_value: float = 0.0  # a 200 with an empty body
+    trickle_values: list[str] = field(default_factory=list)      # immutable ids whose $value drips 1 byte at a time
+    trickle_interval_s: float = 5.0
+    # delta
+    expired_token_status: int = 410  # how an unusable delta token is answered: 410, 400 or 404 (Graph sends all 3)
+    p_item_without_id: float = 0.0   # a message delta upsert sent without its "id"
+
+    def __post_init__(self) -> None:
+        bad = {k: v for k, v in self.bad_values.items() if v not in _BAD_BODIES}
+        if bad:
+            raise ValueError(f"bad_values: {bad} (each must be one of {', '.join(sorted(_BAD_BODIES))})")
+        if self.expired_token_status not in _TOKEN_ERRORS:
+            raise ValueError(f"expired_token_status {self.expired_token_status!r} is not one of "
+                             f"{', '.join(map(str, sorted(_TOKEN_ERRORS)))}")
+        if self.trickle_interval_s <= 0:
+            raise ValueError("trickle_interval_s must be > 0")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FaultConfig:
@@ -77,6 +124,11 @@ def graph_error(status: int, code: str, message: str, headers: dict[str, str] | 
     body = {"error": {"code": code, "message": message,
                       "innerError": {"request-id": secrets.token_hex(8), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}}}
     return web.json_response(body, status=status, headers=headers)
+
+
+def _item_error(status: int, message: str) -> web.Response:
+    code = _ITEM_ERRORS.get(status, "ServiceUnavailable" if status >= 500 else "ErrorInvalidRequest")
+    return graph_error(status, code, message)
 
 
 class _MailboxCounters:
@@ -380,7 +432,7 @@ class SimServer:
         try:
             state = self.model.decode_token(mb, "__folders__", tok) if tok else None
         except TokenError as e:
-            return self._sync_state_not_found(e)
+            return self._sync_state_not_found(mb, e)
         with mb.lock:
             changed, gone, nxt = mb.folder_delta(state)
             counts = mb.folder_counts()
@@ -411,10 +463,15 @@ class SimServer:
                 raise NotFound(mid)
             return m
 
-    def _sync_state_not_found(self, e: Exception) -> web.Response:
-        return graph_error(410, "SyncStateNotFound", f"The sync state could not be found ({e}); "
-                           "restart the synchronization from an empty token.",
-                           {"Location": f"{self.base_url}/v1.0/"})
+    def _sync_state_not_found(self, mb: Mailbox, e: Exception) -> web.Response:
+        """An unusable delta token: 410 ``SyncStateNotFound`` with a ``Location`` (the documented answer), or,
+        with ``expired_token_status``, the 400 / 404 Graph also sends for the same condition."""
+        st = self.faults.expired_token_status
+        code, message = _TOKEN_ERRORS[st]
+        if st != 410:
+            self.injected[mb.user.id][f"token_{st}"] += 1
+            return graph_error(st, code, message.format(e))
+        return graph_error(410, code, message.format(e), {"Location": f"{self.base_url}/v1.0/"})
 
     def _page_size(self, request: web.Request) -> int:
         n = self.limits.default_page_size
@@ -433,7 +490,7 @@ class SimServer:
             try:
                 body = self.model.decode_token(mb, fid, tok)
             except TokenError as e:
-                return self._sync_state_not_found(e)
+                return self._sync_state_not_found(mb, e)
             immutable = bool(body.pop("i")) or immutable
             select = body.pop("s", None)
             state = {k: body[k] for k in ("w", "hi", "ph", "c") if k in body}
@@ -446,6 +503,11 @@ class SimServer:
             upserts, removed, nxt_state = mb.delta_page(fid, state, self._page_size(request))
             value = [_select(mb.message_json(m, self._rest_id(m, immutable)), select, keep=("id",))
                      for m in upserts]
+        if self.faults.p_item_without_id:
+            for v in value:
+                if self.rng.random() < self.faults.p_item_without_id:
+                    del v["id"]
+                    self.injected[mb.user.id]["item_without_id"] += 1
         value += [{"id": self._rest_id_removed(mid, immutable), "@removed": {"reason": "deleted"}} for mid in removed]
         extra = {"s": select} if select else {}
         link = self.model.encode_token(mb, fid, {**nxt_state, **extra}, immutable)
@@ -475,18 +537,20 @@ class SimServer:
                             immutable: bool) -> web.StreamResponse:
         m = self._resolve(mb, segs[0])
         if m.id in self.faults.fail_messages:
-            st = int(self.faults.fail_messages[m.id])
-            code = {500: "ErrorCorruptData", 404: "ErrorItemNotFound", 403: "ErrorAccessDenied"}.get(
-                st, "ServiceUnavailable" if st >= 500 else "ErrorInvalidRequest")
-            return graph_error(st, code, "Injected failure for this item.")
+            return _item_error(int(self.faults.fail_messages[m.id]), "Injected failure for this item.")
         if len(segs) == 1:
             return web.json_response(_select(mb.message_json(m, self._rest_id(m, immutable)),
                                              request.query.get("$select")))
         if low[1] == "$value" and len(segs) == 2:
+            faulty = self._value_fault(mb, m)
+            if faulty is not None:
+                return faulty
             data = await asyncio.get_running_loop().run_in_executor(None, mb.mime, m) \
                 if m.huge else mb.mime(m)
             self.mime_downloads[mb.user.id][m.id] += 1
-            return await self._send_bytes(request, mb, data, "text/plain")
+            if m.id in self.faults.trickle_values:
+                return await self._trickle(request, mb, m.id, data, "text/plain")
+            return await self._send_bytes(request, mb, data, "text/plain", watch=m.id)
         if low[1] == "attachments":
             atts = _attachments(mb.mime(m))
             if len(segs) == 2:
@@ -499,7 +563,34 @@ class SimServer:
                 return await self._send_bytes(request, mb, atts[idx][2], atts[idx][1])
         return graph_error(400, "BadRequest", "Unsupported segment.")
 
-    async def _send_bytes(self, request: web.Request, mb: Mailbox, data: bytes, ctype: str) -> web.StreamResponse:
+    def _value_fault(self, mb: Mailbox, m: Msg) -> web.Response | None:
+        """The answer of an injected ``$value`` fault other than a slow body, or ``None`` (serve the item).
+
+        Deterministic faults first (``fail_values``, ``bad_values``), then the random ones, each drawing from
+        the RNG only when its probability is not 0."""
+        f, inj = self.faults, self.injected[mb.user.id]
+        if m.id in f.fail_values:
+            inj["fail_value"] += 1
+            return _item_error(int(f.fail_values[m.id]), "Injected failure for this item's content.")
+        if f.p_404_value and self.rng.random() < f.p_404_value:
+            inj["404_value"] += 1
+            return _item_error(404, "The specified object was not found in the store. (injected, transient)")
+        bad = f.bad_values.get(m.id)
+        if bad is None and f.p_html_value and self.rng.random() < f.p_html_value:
+            bad = "html"
+        if bad is None and f.p_empty_value and self.rng.random() < f.p_empty_value:
+            bad = "empty"
+        if bad is None:
+            return None
+        inj[f"{bad}_value"] += 1
+        body, ctype = _BAD_BODIES[bad]
+        return web.Response(body=body, headers={"Content-Type": ctype})
+
+    async def _send_bytes(self, request: web.Request, mb: Mailbox, data: bytes, ctype: str,
+                          watch: str | None = None) -> web.StreamResponse:
+        """Send ``data``: at once, in 1 MB pieces when big, or in 10 pieces with pauses (``p_slow_body``).
+
+        A slow body of item ``watch`` stops with an aborted connection if the item is deleted meanwhile."""
         self.bytes_served[mb.user.id] += len(data)
         f = self.faults
         slow = f.p_slow_body and self.rng.random() < f.p_slow_body
@@ -511,12 +602,48 @@ class SimServer:
         step = max(1, -(-len(data) // pieces))
         if slow:
             self.injected[mb.user.id]["slow_body"] += 1
-        for i in range(0, len(data), step):
-            await resp.write(data[i:i + step])
-            if slow:
-                await asyncio.sleep(f.slow_body_ms / 1000 / pieces)
-        await resp.write_eof()
+        try:
+            for i in range(0, len(data), step):
+                if slow and i:
+                    self._abort_if_deleted(mb, watch)
+                await resp.write(data[i:i + step])
+                if slow:
+                    await asyncio.sleep(f.slow_body_ms / 1000 / pieces)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client went away: nothing to send it, nothing to report
         return resp
+
+    async def _trickle(self, request: web.Request, mb: Mailbox, mid: str, data: bytes,
+                       ctype: str) -> web.StreamResponse:
+        """``trickle_values``: the headers with the full ``Content-Length``, then 1 byte every
+        ``trickle_interval_s`` (a broken or hostile server: a client without a deadline for the whole body
+        waits for hours). Stops quietly when the client disconnects, aborts when the item is deleted."""
+        self.bytes_served[mb.user.id] += len(data)
+        self.injected[mb.user.id]["trickle_value"] += 1
+        resp = web.StreamResponse(headers={"Content-Type": ctype, "Content-Length": str(len(data))})
+        try:
+            await resp.prepare(request)
+            for i in range(len(data)):
+                # sleep in short steps so that a client that gave up frees its mailbox slot at once
+                deadline = time.monotonic() + self.faults.trickle_interval_s
+                while (left := deadline - time.monotonic()) > 0:
+                    if request.transport is None or request.transport.is_closing():
+                        return resp
+                    await asyncio.sleep(min(left, 0.05))
+                self._abort_if_deleted(mb, mid)
+                await resp.write(data[i:i + 1])
+            await resp.write_eof()
+        except ConnectionError:
+            pass
+        return resp
+
+    def _abort_if_deleted(self, mb: Mailbox, mid: str | None) -> None:
+        """Between two pieces of a slow body: if the item was deleted meanwhile (``mutate`` ``delete`` or
+        ``delete_folder``), drop the connection, so the client sees an incomplete body (``deleted_mid_body``)."""
+        if mid is not None and mid not in mb.msgs:
+            self.injected[mb.user.id]["deleted_mid_body"] += 1
+            raise _Reset()
 
     # admin ------------------------------------------------------------------------------------------------
     async def admin(self, request: web.Request, segs: list[str]) -> web.StreamResponse:
