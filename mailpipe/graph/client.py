@@ -13,27 +13,31 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import random
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import httpx
 
 from mailpipe.config import TenantConfig
 from mailpipe.graph.errors import (
+    BadContentError,
     GraphError,
     NoMailboxError,
     NotFoundError,
+    ProtocolError,
     ResyncRequired,
     ThrottledError,
     TransientError,
+    UnsafeLinkError,
     from_status,
 )
+from mailpipe.graph.http import GraphOrigin, GuardedTransport, RefusedURL, RequestTimeouts, client_timeout
 from mailpipe.graph.limiter import MailboxLimiter
 
 log = logging.getLogger("mailpipe.graph")
@@ -46,6 +50,12 @@ MESSAGE_SELECT = [
 FOLDER_SELECT = ["id", "displayName", "parentFolderId", "childFolderCount", "totalItemCount"]
 NATIONAL_CLOUDS = {"graph.microsoft.us", "dod-graph.microsoft.us", "microsoftgraph.chinacloudapi.cn"}
 USER_SELECT = ["id", "userPrincipalName", "displayName", "mail", "userType"]
+# Paging bounds (a server that never ends a listing must not hold a backup for ever)
+MAX_USER_PAGES = 100_000        # 999 users a page
+MAX_FOLDER_PAGES = 10_000       # per folder listing
+MAX_FOLDERS = 100_000           # Exchange recommends fewer than 10,000 folders per mailbox
+MIN_DELTA_PAGES = 1_000         # a folder's delta may take this many pages + 2 per item it holds
+_HTML_START = re.compile(rb"\A\s*<(!doctype\s+html|html[\s>]|head[\s>]|body[\s>])", re.I)
 
 
 @dataclass(frozen=True)
@@ -57,17 +67,10 @@ class RetryPolicy:
     max_retry_after: float = 600.0   # a longer Retry-After fails the call (throttled) instead of sleeping
 
     @classmethod
-    def from_env(cls) -> RetryPolicy:
-        """Defaults, overridable with MAILPIPE_RETRY_MAX_ATTEMPTS / MAILPIPE_RETRY_BASE_DELAY /
-        MAILPIPE_RETRY_MAX_DELAY (seconds)."""
-        d = cls()
-        return cls(
-            max_attempts=int(os.environ.get("MAILPIPE_RETRY_MAX_ATTEMPTS", d.max_attempts)),
-            max_throttled_attempts=d.max_throttled_attempts,
-            base_delay=float(os.environ.get("MAILPIPE_RETRY_BASE_DELAY", d.base_delay)),
-            max_delay=float(os.environ.get("MAILPIPE_RETRY_MAX_DELAY", d.max_delay)),
-            max_retry_after=d.max_retry_after,
-        )
+    def from_settings(cls, s: Any) -> RetryPolicy:
+        """From :class:`mailpipe.settings.Settings` (``graph_retry_*``)."""
+        return cls(max_attempts=s.graph_retry_attempts, base_delay=s.graph_retry_base_delay,
+                   max_delay=s.graph_retry_max_delay)
 
     def backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_delay, self.base_delay * (2 ** attempt)))
@@ -127,7 +130,8 @@ class DeltaPage:
     upserts: list[MessageInfo]
     removed: list[str]
     next_link: str | None
-    delta_link: str | None
+    delta_link: str | None            # relative to graph_url: how it is saved
+    invalid: list[dict[str, Any]] = field(default_factory=list)  # entries that cannot be items: {reason, …}
 
 
 @dataclass
@@ -193,26 +197,11 @@ def classify(exc: BaseException, what: str) -> GraphError:
     """Any exception from the SDK/httpx → a :class:`GraphError` of the right kind."""
     if isinstance(exc, GraphError):
         return exc
-    from kiota_abstractions.api_error import APIError
-
-    if isinstance(exc, APIError):
-        status = exc.response_status_code
-        code = message = None
-        err = getattr(exc, "error", None)  # ODataError
-        if err is not None:
-            code, message = getattr(err, "code", None), getattr(err, "message", None)
-        headers = {k.lower(): v for k, v in (exc.response_headers or {}).items()}
-        ra = headers.get("retry-after")
-        retry_after = None
-        if ra is not None:
-            try:
-                retry_after = float(ra if isinstance(ra, str) else next(iter(ra)))
-            except (ValueError, TypeError, StopIteration):
-                retry_after = None
-        return from_status(status, code, message or exc.message or type(exc).__name__, what=what,
-                           retry_after=retry_after)
+    if isinstance(exc, RefusedURL):
+        return UnsafeLinkError(f"{what}: {exc}")
     if isinstance(exc, httpx.TimeoutException):
-        return TransientError(f"{what}: timed out ({type(exc).__name__})")
+        detail = str(exc) if "slower than" in str(exc) or "no response within" in str(exc) else type(exc).__name__
+        return TransientError(f"{what}: timed out ({detail})")
     if isinstance(exc, httpx.TransportError):
         return TransientError(f"{what}: connection failed ({type(exc).__name__})")
     if isinstance(exc, (ConnectionError, TimeoutError)):
@@ -221,6 +210,33 @@ def classify(exc: BaseException, what: str) -> GraphError:
     if name == "ClientAuthenticationError":  # azure-identity: bad secret, unknown tenant...
         return _auth_error(exc, what)
     return GraphError(f"{what}: unexpected {name}: {str(exc)[:300]}")
+
+
+def raise_for_status(resp: httpx.Response, what: str, origin: GraphOrigin) -> None:
+    """A response that is not a success → the :class:`GraphError` for it. Redirects are errors: no
+    redirect is ever followed with our credentials (docs/GRAPH.md, the link-origin rule)."""
+    status = resp.status_code
+    if 200 <= status < 300:
+        return
+    if 300 <= status < 400:
+        where = origin.describe(resp.headers.get("location", "")) if resp.headers.get("location") else "nowhere"
+        raise UnsafeLinkError(f"{what}: the server answered {status}, a redirect to {where}: not followed "
+                              "(mailpipe never follows redirects)", status=status)
+    code = message = None
+    try:
+        err = json.loads(resp.content).get("error")
+        if isinstance(err, dict):
+            code, message = err.get("code"), err.get("message")
+    except (ValueError, AttributeError, TypeError):
+        message = f"HTTP {status} ({resp.headers.get('content-type', 'no content type')})"
+    ra = resp.headers.get("retry-after")
+    try:
+        retry_after = float(ra) if ra is not None else None
+    except ValueError:
+        retry_after = None
+    raise from_status(status, code if isinstance(code, str) else None,
+                      message if isinstance(message, str) else f"HTTP {status}", what=what,
+                      retry_after=retry_after)
 
 
 def _auth_error(exc: BaseException, what: str) -> GraphError:
@@ -233,7 +249,7 @@ def _auth_error(exc: BaseException, what: str) -> GraphError:
 
 
 def _parse_dt(v: Any) -> datetime | None:
-    if not v:
+    if not v or not isinstance(v, str):
         return None
     try:
         return datetime.fromisoformat(str(v).replace("Z", "+00:00"))
@@ -242,19 +258,34 @@ def _parse_dt(v: Any) -> datetime | None:
 
 
 def _address(recipient: Any) -> str | None:
-    if not isinstance(recipient, dict):
+    if not isinstance(recipient, dict) or not isinstance(recipient.get("emailAddress"), dict):
         return None
-    return (recipient.get("emailAddress") or {}).get("address")
+    return _str(recipient["emailAddress"].get("address"))
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _bool(v: Any) -> bool | None:
+    return v if isinstance(v, bool) else None
 
 
 def _message_info(m: dict[str, Any]) -> MessageInfo:
+    """A delta entry → :class:`MessageInfo`; fields of the wrong type (a broken or hostile server) are
+    read as absent rather than trusted."""
+    flag = m.get("flag")
+    cats = m.get("categories")
     return MessageInfo(
-        id=m["id"], folder_id=m.get("parentFolderId"), change_key=m.get("changeKey"), subject=m.get("subject"),
-        internet_message_id=m.get("internetMessageId"), sender=_address(m.get("sender")) or _address(m.get("from")),
+        id=m["id"], folder_id=_str(m.get("parentFolderId")), change_key=_str(m.get("changeKey")),
+        subject=_str(m.get("subject")), internet_message_id=_str(m.get("internetMessageId")),
+        sender=_address(m.get("sender")) or _address(m.get("from")),
         received_at=_parse_dt(m.get("receivedDateTime")), last_modified_at=_parse_dt(m.get("lastModifiedDateTime")),
-        created_at=_parse_dt(m.get("createdDateTime")), is_read=m.get("isRead"), is_draft=m.get("isDraft"),
-        flag_status=(m.get("flag") or {}).get("flagStatus"), categories=tuple(m.get("categories") or ()),
-        has_attachments=m.get("hasAttachments"),
+        created_at=_parse_dt(m.get("createdDateTime")), is_read=_bool(m.get("isRead")),
+        is_draft=_bool(m.get("isDraft")),
+        flag_status=_str(flag.get("flagStatus")) if isinstance(flag, dict) else None,
+        categories=tuple(c for c in cats if isinstance(c, str)) if isinstance(cats, list) else (),
+        has_attachments=_bool(m.get("hasAttachments")),
     )
 
 
@@ -263,23 +294,25 @@ class GraphTenant:
 
     def __init__(self, tenant: TenantConfig, graph_url: str, authority: str, ca_bundle: str | None,
                  *, policy: RetryPolicy | None = None, window_seconds: float = 600.0,
-                 timeout: float = 120.0) -> None:
+                 timeouts: RequestTimeouts | None = None) -> None:
         from kiota_authentication_azure.azure_identity_authentication_provider import (
             AzureIdentityAuthenticationProvider,
         )
         from mailpipe.graph.credentials import make_credential
 
         self.tenant = tenant
-        self.graph_url = graph_url.rstrip("/")
-        self.policy = policy or RetryPolicy.from_env()
+        self.origin = GraphOrigin(graph_url)
+        self.graph_url = self.origin.url
+        self.policy = policy or RetryPolicy()
         self.window_seconds = window_seconds
+        self.timeouts = timeouts or RequestTimeouts()
         self.credential = make_credential(tenant, authority, ca_bundle)
         self._verify: Any = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
-        self._timeout = httpx.Timeout(timeout, connect=15.0)
-        host = urlsplit(self.graph_url).hostname or ""
+        host = self.origin.host
         # national clouds have their own resource; the public one for everything else (incl. test servers)
         scope = f"https://{host}/.default" if host in NATIONAL_CLOUDS else "https://graph.microsoft.com/.default"
-        self._auth = AzureIdentityAuthenticationProvider(self.credential, scopes=[scope])
+        # the token is attached for graph_url's host only (the transport refuses every other URL anyway)
+        self._auth = AzureIdentityAuthenticationProvider(self.credential, scopes=[scope], allowed_hosts=[host])
         self._http_clients: list[httpx.AsyncClient] = []
         lim = tenant.limits
         self.client = self._new_client(16)  # tenant-level calls: users, discovery probes
@@ -295,19 +328,22 @@ class GraphTenant:
         connection on each request (``_assign_requests_to_connections`` → ``has_expired`` polls each
         socket), which cost ~1 ms per request with 20 mailboxes' connections in one pool.
         """
-        from kiota_http.middleware.options import RetryHandlerOption
+        from kiota_http.middleware.options import RedirectHandlerOption, RetryHandlerOption
         from msgraph import GraphRequestAdapter, GraphServiceClient
         from msgraph_core import GraphClientFactory
 
+        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
         raw = httpx.AsyncClient(
-            verify=self._verify, timeout=self._timeout, follow_redirects=False,
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            transport=GuardedTransport(self.origin, self.timeouts, verify=self._verify, limits=limits),
+            timeout=client_timeout(self.timeouts), follow_redirects=False, trust_env=False,
         )
         self._http_clients.append(raw)
-        # kiota's own retries off: ours are the only ones (see module docstring)
+        # kiota's own retries off: ours are the only ones (see module docstring); its redirects off: a
+        # redirect is an error, never followed with our token (docs/GRAPH.md)
         http = GraphClientFactory.create_with_default_middleware(
             client=raw,
-            options={RetryHandlerOption.get_key(): RetryHandlerOption(delay=0, max_retries=0, should_retry=False)},
+            options={RetryHandlerOption.get_key(): RetryHandlerOption(delay=0, max_retries=0, should_retry=False),
+                     RedirectHandlerOption.get_key(): RedirectHandlerOption(should_redirect=False)},
         )
         adapter = GraphRequestAdapter(self._auth, client=http)
         adapter.base_url = self.graph_url
@@ -316,7 +352,14 @@ class GraphTenant:
         return client
 
     @classmethod
-    def from_config(cls, tenant: TenantConfig, **kw: Any) -> GraphTenant:
+    def from_config(cls, tenant: TenantConfig, settings: Any = None, **kw: Any) -> GraphTenant:
+        """The tenant's Graph access; ``settings`` (:class:`mailpipe.settings.Settings`) gives the retry
+        policy and request time bounds unless ``policy``/``timeouts`` are passed."""
+        if settings is not None:
+            kw.setdefault("policy", RetryPolicy.from_settings(settings))
+            kw.setdefault("timeouts", RequestTimeouts(
+                response_timeout=settings.graph_response_timeout, min_transfer_rate=settings.graph_min_transfer_rate,
+                slow_body_grace=settings.graph_slow_body_grace))
         graph_url, authority, ca = tenant.graph_url, tenant.authority, tenant.ca_bundle
         if tenant.uses_embedded_simulator:
             from mailpipe.sim.embedded import ensure_running
@@ -366,38 +409,58 @@ class GraphTenant:
             cfg.headers.add(k, v)
         return cfg
 
-    async def get_json(self, builder: Any, config: Any) -> dict[str, Any]:
-        """Send a request built by an SDK request builder (auth, middleware, ODataError mapping: all the
-        SDK's) and parse the JSON body ourselves.
+    async def send(self, builder: Any, config: Any, what: str) -> httpx.Response:
+        """Send a GET built by an SDK request builder (auth, middleware: all the SDK's) and return the
+        raw response, its status already checked (:func:`raise_for_status`).
 
-        Why not the SDK's models: deserialising one ``message`` costs ~12 ms of CPU in msgraph-sdk 1.65
-        (``Entity.get_field_deserializers`` rebuilds a map of ~1,000 subtypes for every object), which caps
-        a process at ~80 delta items/s. ``json.loads`` of the same page costs microseconds per item.
+        The response is taken raw (kiota's ``NativeResponseHandler``), not deserialised: we need its
+        status, ``Location`` and ``Content-Type`` to refuse redirects and error pages, and parsing JSON
+        ourselves is cheap where msgraph's models are not (~12 ms of CPU per ``message`` object in
+        msgraph-sdk 1.65: ``Entity.get_field_deserializers`` rebuilds a map of ~1,000 subtypes per object).
         """
-        from msgraph.generated.models.o_data_errors.o_data_error import ODataError
+        from kiota_abstractions.native_response_handler import NativeResponseHandler
+        from kiota_http.middleware.options import ResponseHandlerOption
 
         info = builder.to_get_request_information(config)
-        adapter = builder.request_adapter
-        data = await adapter.send_primitive_async(info, "bytes", {"XXX": ODataError})
-        return json.loads(data) if data else {}
+        info.add_request_options([ResponseHandlerOption(NativeResponseHandler())])
+        resp = await builder.request_adapter.send_primitive_async(info, "bytes", None)
+        raise_for_status(resp, what, self.origin)
+        return resp
+
+    async def get_json(self, builder: Any, config: Any, what: str = "Graph request") -> dict[str, Any]:
+        """:meth:`send`, and the body as a JSON object (anything else is a transient error: a proxy's
+        error page answered with 200)."""
+        resp = await self.send(builder, config, what)
+        try:
+            data = json.loads(resp.content) if resp.content else {}
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            raise TransientError(f"{what}: the answer is not a JSON object "
+                                 f"({resp.headers.get('content-type') or 'no content type'}, {len(resp.content)} bytes)")
+        return data
 
     async def list_mailboxes(self, probe_concurrency: int = 16) -> MailboxListing:
         """Every user with a mailbox, filtered by the tenant's globs; users without one are reported."""
         from msgraph.generated.users.users_request_builder import UsersRequestBuilder
 
+        what = "list users"
         q = UsersRequestBuilder.UsersRequestBuilderGetQueryParameters(select=USER_SELECT, top=999)
         users: list[dict[str, Any]] = []
+        paging = Paging(self.origin, what, MAX_USER_PAGES)
         resp = await self._tenant_caller.call(
-            "users", lambda: self.get_json(self.client.users, self._config(q)), "list users")
+            "users", lambda: self.get_json(self.client.users, self._config(q), what), what)
         while True:
-            users += list(resp.get("value") or [])
+            page = _values(resp, what)
+            users += [u for u in page if isinstance(u, dict)]
             link = resp.get("@odata.nextLink")
             if not link:
                 break
+            url = paging.follow(link, empty_page=not page)
             resp = await self._tenant_caller.call(
-                "users", lambda: self.get_json(self.client.users.with_url(link), self._config()), "list users")
-        candidates = [u for u in users
-                      if u.get("userPrincipalName") and self.tenant.mailboxes.matches(u["userPrincipalName"])]
+                "users", lambda: self.get_json(self.client.users.with_url(url), self._config(), what), what)
+        candidates = [u for u in users if isinstance(u.get("userPrincipalName"), str) and u.get("id")
+                      and self.tenant.mailboxes.matches(u["userPrincipalName"])]
         sem = asyncio.Semaphore(probe_concurrency)
         mailboxes: list[Mailbox] = []
         skipped: list[SkippedUser] = []
@@ -424,14 +487,80 @@ class GraphTenant:
         """``GET /users/{upn}``: the user's object id (the repository directory) and UPN."""
         from msgraph.generated.users.item.user_item_request_builder import UserItemRequestBuilder
 
+        what = f"user {upn_or_id}"
         q = UserItemRequestBuilder.UserItemRequestBuilderGetQueryParameters(select=USER_SELECT)
         u = await self._tenant_caller.call(
-            "users", lambda: self.get_json(self.client.users.by_user_id(upn_or_id), self._config(q)),
-            f"user {upn_or_id}")
-        if not u.get("id"):
+            "users", lambda: self.get_json(self.client.users.by_user_id(upn_or_id), self._config(q), what), what)
+        if not isinstance(u.get("id"), str) or not u["id"]:
             raise NotFoundError(f"user {upn_or_id}: not found")
-        return Mailbox(u["id"], (u.get("userPrincipalName") or upn_or_id).lower(), u.get("displayName"),
+        upn = u.get("userPrincipalName")
+        return Mailbox(u["id"], (upn if isinstance(upn, str) else upn_or_id).lower(), u.get("displayName"),
                        u.get("mail"))
+
+
+class Paging:
+    """The links of one listing, followed safely: each must lie on graph_url (:class:`GraphOrigin`), a link
+    may not come back (a paging loop — except that an *empty* page may hand back the very link it was
+    fetched with, up to :attr:`MAX_STALLS` times in a row: Exchange does that when it made no progress),
+    and there are at most ``max_pages`` pages (a server that invents new links for ever). Each violation
+    is a clear error naming the listing, never a hang."""
+
+    MAX_STALLS = 20
+
+    def __init__(self, origin: GraphOrigin, what: str, max_pages: int) -> None:
+        self.origin = origin
+        self.what = what
+        self.max_pages = max_pages
+        self.pages = 1
+        self._seen: set[str] = set()
+        self._last: str | None = None
+        self._stalls = 0
+
+    def follow(self, link: Any, kind: str = "nextLink", *, empty_page: bool = False) -> str:
+        if not isinstance(link, str):
+            raise TransientError(f"{self.what}: a {kind} that is not a string")
+        self.origin.check(link, f"{self.what}: {kind}")
+        if link in self._seen:
+            self._stalls = self._stalls + 1 if (empty_page and link == self._last) else self.MAX_STALLS + 1
+            if self._stalls > self.MAX_STALLS:
+                raise ProtocolError(f"{self.what}: the server keeps sending a {kind} it sent before (a paging "
+                                    f"loop); stopped after {self.pages} pages")
+        else:
+            self._stalls = 0
+        self.pages += 1
+        if self.pages > self.max_pages:
+            raise ProtocolError(f"{self.what}: more than {self.max_pages:,} pages, more than the listing can hold; "
+                                "stopped (a server that never ends its listing)")
+        self._seen.add(link)
+        self._last = link
+        return link
+
+
+def _values(resp: dict[str, Any], what: str) -> list[Any]:
+    v = resp.get("value")
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise TransientError(f"{what}: a page whose 'value' is not a list")
+    return v
+
+
+def looks_like_content(ctype: str, data: bytes) -> str | None:
+    """Why a ``$value`` body cannot be an item's MIME, or None when it can be.
+
+    Exchange serves MIME as ``text/plain`` (sometimes ``message/rfc822`` or octet-stream); an empty body,
+    an HTML page (a proxy's or gateway's error page answered with 200) or JSON is never a message.
+    """
+    base = ctype.split(";", 1)[0].strip().lower()
+    if not data:
+        return "an empty body"
+    if base == "text/html" or base == "application/xhtml+xml":
+        return f"an HTML page ({base}, {len(data)} bytes)"
+    if base == "application/json" or base.endswith("+json"):
+        return f"a JSON document ({base}, {len(data)} bytes)"
+    if _HTML_START.match(data[:512]):
+        return f"an HTML page ({base or 'no content type'}, {len(data)} bytes)"
+    return None
 
 
 class MailboxGraph:
@@ -463,41 +592,80 @@ class MailboxGraph:
 
         q = MailFolderItemRequestBuilder.MailFolderItemRequestBuilderGetQueryParameters(select=["id"])
         b = self.t.client.users.by_user_id(self.user_id).mail_folders.by_mail_folder_id("inbox")  # the shared pool
-        await self._caller.call("folders", lambda: self.t.get_json(b, self.t._config(q)))
+        await self._caller.call("folders", lambda: self.t.get_json(b, self.t._config(q), f"mailbox {self.upn}"))
+
+    async def get_folder(self, folder_id: str) -> dict[str, Any]:
+        """One folder's metadata (``NotFoundError`` when it no longer exists)."""
+        from msgraph.generated.users.item.mail_folders.item.mail_folder_item_request_builder import (
+            MailFolderItemRequestBuilder,
+        )
+
+        what = f"mailbox {self.upn} folder {folder_id}"
+        q = MailFolderItemRequestBuilder.MailFolderItemRequestBuilderGetQueryParameters(select=["id", "displayName"])
+        b = self._user.mail_folders.by_mail_folder_id(folder_id)
+        return await self._caller.call("folders", lambda: self.t.get_json(b, self.t._config(q), what), what)
+
+    async def get_message(self, message_id: str) -> dict[str, Any]:
+        """One message's metadata by immutable id (``NotFoundError`` when Graph says it does not exist):
+        how a 404 on ``$value`` is told apart from a deleted item."""
+        from msgraph.generated.users.item.messages.item.message_item_request_builder import (
+            MessageItemRequestBuilder,
+        )
+
+        what = f"mailbox {self.upn} item {message_id}"
+        q = MessageItemRequestBuilder.MessageItemRequestBuilderGetQueryParameters(select=["id", "parentFolderId"])
+        b = self._user.messages.by_message_id(message_id)
+        return await self._caller.call("message", lambda: self.t.get_json(b, self.t._config(q), what), what)
 
     async def list_folders(self) -> list[Folder]:
         """The whole folder tree, paths from the root.
 
         Top-level folders, then ``childFolders`` only of folders whose ``childFolderCount`` is not 0:
-        one request per folder that has children (leaves cost nothing), each with ``$top=999``.
+        one request per folder that has children (leaves cost nothing), each with ``$top=999``. A folder
+        met twice (listed inside itself, or under two parents) is a :class:`ProtocolError`: the tree must
+        be a tree, or the walk would never end.
         """
         from msgraph.generated.users.item.mail_folders.mail_folders_request_builder import (
             MailFoldersRequestBuilder,
         )
 
+        what = f"mailbox {self.upn} folders"
         q = MailFoldersRequestBuilder.MailFoldersRequestBuilderGetQueryParameters(select=FOLDER_SELECT, top=999)
 
         async def pages(builder: Any, config: Any) -> list[dict[str, Any]]:
-            resp = await self._caller.call("folders", lambda: self.t.get_json(builder, config))
-            out = list(resp.get("value") or [])
+            paging = Paging(self.t.origin, what, MAX_FOLDER_PAGES)
+            resp = await self._caller.call("folders", lambda: self.t.get_json(builder, config, what), what)
+            page = _values(resp, what)
+            out = [f for f in page if isinstance(f, dict)]
             while resp.get("@odata.nextLink"):
-                link = resp["@odata.nextLink"]
+                url = paging.follow(resp["@odata.nextLink"], empty_page=not page)
                 resp = await self._caller.call(
-                    "folders", lambda: self.t.get_json(builder.with_url(link), self.t._config()))
-                out += list(resp.get("value") or [])
+                    "folders", lambda: self.t.get_json(builder.with_url(url), self.t._config(), what), what)
+                page = _values(resp, what)
+                out += [f for f in page if isinstance(f, dict)]
             return out
 
         top = await pages(self._user.mail_folders, self.t._config(q))
         result: list[Folder] = []
+        seen: set[str] = set()
         queue: list[tuple[dict[str, Any], tuple[str, ...]]] = [(f, ()) for f in top]
         while queue:
             level = queue
             queue = []
             for f, parent_path in level:
-                name = f.get("displayName") or ""
-                result.append(Folder(f["id"], f.get("parentFolderId"), name, (*parent_path, name),
+                fid, name = f.get("id"), f.get("displayName") or ""
+                if not isinstance(fid, str) or not fid:
+                    raise ProtocolError(f"{what}: a folder without an id under /{'/'.join(parent_path)}")
+                if fid in seen:
+                    raise ProtocolError(f"{what}: folder {name!r} ({fid}) appears twice in the tree (listed "
+                                        "inside itself or under two parents); stopped")
+                seen.add(fid)
+                if len(seen) > MAX_FOLDERS:
+                    raise ProtocolError(f"{what}: more than {MAX_FOLDERS:,} folders; stopped")
+                result.append(Folder(fid, f.get("parentFolderId"), name, (*parent_path, name),
                                      f.get("totalItemCount"), f.get("childFolderCount")))
-            parents = [(f, (*pp, f.get("displayName") or "")) for f, pp in level if (f.get("childFolderCount") or 0) > 0]
+            parents = [(f, (*pp, f.get("displayName") or "")) for f, pp in level
+                       if isinstance(f.get("childFolderCount"), int) and f["childFolderCount"] > 0]
 
             async def kids(f: dict[str, Any], path: tuple[str, ...]) -> list[tuple[dict[str, Any], tuple[str, ...]]]:
                 b = self._user.mail_folders.by_mail_folder_id(f["id"]).child_folders
@@ -513,12 +681,15 @@ class MailboxGraph:
                 queue += chunk
         return result
 
-    async def message_delta(self, folder_id: str, link: str | None, *, page_size: int = 200
-                            ) -> AsyncIterator[DeltaPage]:
-        """One folder's message delta, page by page, from ``link`` (a saved deltaLink) or from scratch.
+    async def message_delta(self, folder_id: str, link: str | None, *, page_size: int = 200,
+                            expected_items: int | None = None) -> AsyncIterator[DeltaPage]:
+        """One folder's message delta, page by page, from ``link`` (a saved delta link) or from scratch.
 
-        Follows every nextLink (pages may be empty) until the deltaLink, which the last page carries.
-        Raises :class:`ResyncRequired` when Graph no longer knows the sync state (410 and friends).
+        Follows every nextLink (pages may be empty) until the deltaLink, which the last page carries and
+        which is returned *relative to graph_url* (how it is saved). Links must lie on graph_url and may not
+        repeat; a listing may take at most 1,000 + 2 × ``expected_items`` pages (the folder's item count).
+        Raises :class:`ResyncRequired` when Graph no longer knows the sync state: 410 and friends, a saved
+        link that cannot be used with today's graph_url, or a 400/404 answered to a link Graph issued.
         """
         from msgraph.generated.users.item.mail_folders.item.messages.delta.delta_request_builder import (
             DeltaRequestBuilder,
@@ -527,45 +698,75 @@ class MailboxGraph:
         builder = self._user.mail_folders.by_mail_folder_id(folder_id).messages.delta
         headers = {"Prefer": f"odata.maxpagesize={page_size}"}
         what = f"mailbox {self.upn} folder {folder_id} delta"
+        paging = Paging(self.t.origin, what, MIN_DELTA_PAGES + 2 * max(0, expected_items or 0))
+
+        async def follow(url: str) -> dict[str, Any]:
+            try:
+                return await self._caller.call(
+                    "delta", lambda: self.t.get_json(builder.with_url(url), self.t._config(None, headers), what), what)
+            except GraphError as e:
+                if e.status in (400, 404) and not isinstance(e, NoMailboxError):
+                    # a token Graph issued and no longer accepts (some answer 400/404 instead of 410)
+                    raise ResyncRequired(f"{what}: the delta link was refused ({e}); listing the folder again",
+                                         status=e.status, code=e.code) from None
+                raise
+
         if link is None:
             q = DeltaRequestBuilder.DeltaRequestBuilderGetQueryParameters(select=MESSAGE_SELECT)
-            resp = await self._caller.call("delta", lambda: self.t.get_json(builder, self.t._config(q, headers)),
-                                           what)
-        else:
             resp = await self._caller.call(
-                "delta", lambda: self.t.get_json(builder.with_url(link), self.t._config(None, headers)), what)
+                "delta", lambda: self.t.get_json(builder, self.t._config(q, headers), what), what)
+        else:
+            url = self.t.origin.resolve_saved(link)
+            if url is None:
+                raise ResyncRequired(f"{what}: the saved delta link does not belong to graph_url {self.t.graph_url}; "
+                                     "listing the folder again")
+            resp = await follow(url)
         while True:
-            upserts, removed = [], []
-            for m in resp.get("value") or []:
-                if "@removed" in m:
+            upserts, removed, invalid = [], [], []
+            for m in _values(resp, what):
+                if not isinstance(m, dict):
+                    invalid.append({"reason": "Graph returned an entry that is not an object"})
+                elif not isinstance(m.get("id"), str) or not m["id"]:
+                    if "@removed" not in m:
+                        invalid.append({"reason": "Graph returned an item without an id",
+                                        "subject": m.get("subject") if isinstance(m.get("subject"), str) else None})
+                elif "@removed" in m:
                     removed.append(m["id"])
                 else:
                     upserts.append(_message_info(m))
             nxt, dl = resp.get("@odata.nextLink"), resp.get("@odata.deltaLink")
             if not nxt and not dl:
                 raise TransientError(f"{what}: a page without nextLink or deltaLink")
-            yield DeltaPage(upserts, removed, nxt, dl)
-            if not nxt:
-                return
-            resp = await self._caller.call(
-                "delta", lambda: self.t.get_json(builder.with_url(nxt), self.t._config(None, headers)), what)
+            if nxt:
+                url = paging.follow(nxt, empty_page=not (upserts or removed or invalid))
+                yield DeltaPage(upserts, removed, url, None, invalid)
+                resp = await follow(url)
+                continue
+            paging.follow(dl, "deltaLink")  # never save a link we would not follow
+            yield DeltaPage(upserts, removed, None, self.t.origin.relative(dl), invalid)
+            return
 
     async def get_mime(self, message_id: str) -> bytes:
-        """The item's raw MIME (``/messages/{id}/$value``), byte-exact; ``b""`` for an empty body.
+        """The item's raw MIME (``/messages/{id}/$value``), byte-exact.
 
-        Buffered: kiota's ``send_primitive_async(..., "bytes")`` reads the whole body (msgraph-sdk 1.65 has
-        no streaming download for ``$value``). Memory per mailbox is bounded by its in-flight downloads.
+        A body that cannot be a message — empty, an HTML page, JSON — raises :class:`BadContentError`: it
+        is never stored as the item's content. Buffered: msgraph-sdk 1.65 has no streaming download for
+        ``$value``; memory per mailbox is bounded by its in-flight downloads.
         """
         # a raw URL skips kiota's URI-template expansion (~1 ms of CPU per request, measurable at 100+ items/s)
         self._user  # noqa: B018 - makes the client on first use
+        what = f"mailbox {self.upn} item {message_id}"
         b = self._content.with_url(f"{self.t.graph_url}/users/{self._uid_q}/messages/{quote(message_id, safe='')}/$value")
-        data = await self._caller.call("mime", lambda: b.get(self.t._config()), f"mailbox {self.upn} item {message_id}")
-        data = data or b""
+        resp = await self._caller.call("mime", lambda: self.t.send(b, self.t._config(), what), what)
+        data = resp.content
         self.stats.bytes_received += len(data)
+        bad = looks_like_content(resp.headers.get("content-type", ""), data)
+        if bad:
+            raise BadContentError(f"{what}: Graph answered {bad} instead of the message")
         return data
 
 
 __all__ = [
     "DeltaPage", "Folder", "GraphStats", "GraphTenant", "Mailbox", "MailboxGraph", "MailboxListing",
-    "MessageInfo", "ResyncRequired", "RetryPolicy", "SkippedUser", "classify",
+    "MessageInfo", "Paging", "ResyncRequired", "RetryPolicy", "SkippedUser", "classify", "looks_like_content",
 ]

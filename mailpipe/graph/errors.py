@@ -10,6 +10,9 @@ kind                what                                              what the c
 ``forbidden``       401/403 (permissions, Conditional Access)         fix the app registration
 ``not-found``       404 of an item/folder                             drop it (it went away)
 ``permanent``       any other 4xx, and items Graph cannot serve       skip with a reason
+``bad-content``     ``$value`` answered with an HTML page or nothing  retry later, then skip
+``unsafe-link``     a link/redirect outside graph_url                 fail that mailbox
+``protocol``        paging loops, folder cycles, endless listings     fail that mailbox
 ==================  ================================================  =========================
 
 Messages name the status and Graph's error code and message; they never contain tokens, secrets or
@@ -67,6 +70,25 @@ class NotFoundError(GraphError):
 
 class PermanentError(GraphError):
     kind = "permanent"
+
+
+class BadContentError(GraphError):
+    """A ``200`` whose body is not an item's content (an HTML error page, an empty body)."""
+
+    kind = "bad-content"
+
+
+class UnsafeLinkError(GraphError):
+    """A link, ``Location`` or redirect that would take our request (and token) outside graph_url."""
+
+    kind = "unsafe-link"
+
+
+class ProtocolError(GraphError):
+    """The server broke Graph's paging or tree contract in a way that would never end (a repeated
+    nextLink, a folder inside itself, more pages than the folder can have)."""
+
+    kind = "protocol"
 
 
 def _clean(msg: str | None) -> str:
