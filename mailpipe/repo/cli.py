@@ -31,7 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Check TENANT's committed snapshots (every mailbox, or one): commit records, "
                        "manifests and folder tables readable and consistent, every referenced chunk present. "
                        "With --read-data, also download, decompress and hash every referenced chunk once "
-                       "(reads the whole repository). Exit status 0: no problem; 3: problems found (listed).")
+                       "(reads the whole repository). Missing or corrupt chunks are marked for repair: the next "
+                       "backup of each affected mailbox downloads those items again and rewrites them. "
+                       "Exit status 0: no problem; 3: problems found (listed).")
     c.add_argument("tenant")
     c.add_argument("upn", nargs="?", help="a mailbox (UPN or Entra object id); default: every mailbox")
     c.add_argument("--snapshot", default="all", help="all (default), latest, or one snapshot id")
@@ -83,6 +85,8 @@ def _check(args: argparse.Namespace) -> int:
     more = res.problem_count - len(res.problems)
     if more:
         print(f"... and {more} more problems")
+    if res.advice():
+        print(res.advice(), file=sys.stderr)
     read = f", {res.chunks_read} read and verified ({res.bytes_read:,} bytes)" if args.read_data else ""
     print(f"checked {res.mailboxes} mailboxes, {res.snapshots} snapshots, {res.items} manifest rows, "
           f"{res.chunks} distinct chunks{read}: "

@@ -7,6 +7,9 @@ Layout and guarantees are documented in docs/FORMAT.md. In short:
 - ``mailboxes/<user>/snapshots/<id>/{manifest,folders}.parquet`` then ``snapshot.json``, last: the
   commit. A snapshot without ``snapshot.json`` does not exist for readers; a committed one never changes.
 - ``mailboxes/<user>/checkpoints/<part>.parquet``: items an unfinished backup already stored.
+- ``mailboxes/<user>/lease.json``: who is backing the mailbox up now (conditional writes, with expiry).
+- ``damaged/<h>``: a chunk found missing or corrupt; the next backup that meets an item using it
+  downloads the item again and rewrites the chunk (self-heal).
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import json
 import os
 import re
 import secrets
+import socket
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,7 +38,15 @@ from mailpipe.config import TenantConfig
 from mailpipe.errors import UserError
 from mailpipe.repo import chunking
 from mailpipe.repo.schema import CHECKPOINT, FOLDERS, MANIFEST, to_batch
-from mailpipe.repo.store import KeyNotFound, LocalStore, ObjectStore, S3Store, make_s3_client
+from mailpipe.repo.store import (
+    KeyNotFound,
+    LocalStore,
+    ObjectStore,
+    PreconditionFailed,
+    S3Store,
+    StoreError,
+    make_s3_client,
+)
 
 FORMAT = "mailpipe-repository"
 VERSION = 1
@@ -48,7 +61,20 @@ class RepositoryError(UserError):
 
 
 class IntegrityError(Exception):
-    """Stored data does not match its hash, or a chunk is missing: never return wrong bytes."""
+    """Stored data does not match its hash, or a chunk is missing, or a file cannot be parsed: never
+    return wrong bytes."""
+
+
+class LeaseBusy(UserError):
+    """Another backup of the mailbox holds its lease."""
+
+    def __init__(self, message: str, holder: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+# What a Parquet reader raises for a damaged file (pyarrow's ArrowException is an OSError or ValueError)
+PARQUET_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError)
 
 
 @dataclass(frozen=True)
@@ -70,8 +96,17 @@ class SnapshotInfo:
     items: int
     size_bytes: int
     stats: dict[str, Any] = field(default_factory=dict)
-    delta_links: dict[str, str] = field(default_factory=dict)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
+    delta_links: dict[str, str] = field(default_factory=dict)   # folder id → link relative to graph_url
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # what was left out, and why (for people)
+    pending: list[dict[str, Any]] | None = None  # items the next backup fetches whatever the delta says
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name → {sha256, size} of the Parquet files
+    base: dict[str, Any] = field(default_factory=dict)  # what this backup started from (and what it skipped)
+
+    def pending_items(self) -> list[dict[str, Any]]:
+        """Items the next backup must fetch: ``pending``, or for format-1 records the skipped items."""
+        if self.pending is not None:
+            return list(self.pending)
+        return [s for s in self.skipped if s.get("item_id") and s.get("folder_id")]
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -83,12 +118,19 @@ class SnapshotInfo:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SnapshotInfo:
+        def of(name: str, kind: type) -> Any:
+            v = d.get(name)
+            if v is not None and not isinstance(v, kind):
+                raise ValueError(f"field {name!r} is not a {kind.__name__}")
+            return v
+
         return cls(
-            snapshot_id=d["snapshot_id"], user_id=d["user_id"], upn=d["upn"],
+            snapshot_id=str(d["snapshot_id"]), user_id=str(d["user_id"]), upn=str(d["upn"]),
             started_at=datetime.fromisoformat(d["started_at"]) if d.get("started_at") else None,
             committed_at=datetime.fromisoformat(d["committed_at"]), items=int(d["items"]),
-            size_bytes=int(d["size_bytes"]), stats=d.get("stats") or {}, delta_links=d.get("delta_links") or {},
-            skipped=d.get("skipped") or [],
+            size_bytes=int(d["size_bytes"]), stats=of("stats", dict) or {}, delta_links=of("delta_links", dict) or {},
+            skipped=of("skipped", list) or [], pending=of("pending", list), files=of("files", dict) or {},
+            base=of("base", dict) or {},
         )
 
 
@@ -116,28 +158,38 @@ def _blob_key(h: str) -> str:
 
 
 class Repository:
-    def __init__(self, store: ObjectStore, tenant: str, info: dict[str, Any]) -> None:
+    def __init__(self, store: ObjectStore, tenant: str, info: dict[str, Any], *, tmp_dir: str | None = None) -> None:
         self.store = store
         self.tenant = tenant
         self.info = info
+        self.tmp_dir = tmp_dir  # local temporary files (Parquet in transit); None: the system's
         self._known: OrderedDict[str, None] = OrderedDict()  # chunks known to exist (bounded LRU)
         self._known_max = 200_000  # ~40 MB: the hot set of shared attachments, not every chunk ever seen
         self._lock = threading.Lock()
         self._tls = threading.local()
+        self.damaged: set[str] = set()  # chunks to rewrite when their bytes come by (see load_damaged)
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
-    def open(cls, store: ObjectStore, tenant: str, *, create: bool = True) -> Repository:
+    def open(cls, store: ObjectStore, tenant: str, *, create: bool = True, tmp_dir: str | None = None) -> Repository:
         try:
-            info = json.loads(store.get_bytes("mailpipe.json"))
+            raw = store.get_bytes("mailpipe.json")
         except KeyNotFound:
             if not create:
                 raise RepositoryError(f"no mailpipe repository at {store.describe()}") from None
             info = {"format": FORMAT, "version": VERSION, "tenant": tenant,
                     "created_at": datetime.now(timezone.utc).isoformat(), "hash": "sha256",
                     "compression": {"algorithm": "zstd", "level": ZSTD_LEVEL}, "chunking": chunking.PARAMS}
-            store.put_bytes("mailpipe.json", json.dumps(info, indent=2).encode())
-        if info.get("format") != FORMAT:
+            try:
+                store.put_if_absent("mailpipe.json", json.dumps(info, indent=2).encode())
+            except PreconditionFailed:  # another process created it first: use theirs
+                pass
+            raw = store.get_bytes("mailpipe.json")
+        try:
+            info = json.loads(raw)
+        except ValueError:
+            raise RepositoryError(f"{store.describe()}: mailpipe.json is damaged (not JSON)") from None
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise RepositoryError(f"{store.describe()} is not a mailpipe repository")
         if info.get("version") != VERSION:
             raise RepositoryError(f"{store.describe()}: repository format version {info.get('version')} is not "
@@ -145,7 +197,7 @@ class Repository:
         if info.get("tenant") != tenant:
             raise RepositoryError(f"{store.describe()} belongs to tenant {info.get('tenant')!r}, not {tenant!r}: "
                                   "one repository per tenant")
-        return cls(store, tenant, info)
+        return cls(store, tenant, info, tmp_dir=tmp_dir)
 
     # -- content -----------------------------------------------------------------------------------
     def _zc(self) -> zstandard.ZstdCompressor:
@@ -174,7 +226,9 @@ class Repository:
                 self._known.popitem(last=False)
 
     def put_content(self, data: bytes) -> StoredContent:
-        """Store one item's MIME (thread-safe). Chunks that exist are not uploaded again."""
+        """Store one item's MIME (thread-safe). Chunks that exist are not uploaded again — unless they are
+        known to be damaged (:attr:`damaged`): then these bytes, whose hash is the chunk's name, replace
+        the damaged copy and the damage marker is removed (self-heal)."""
         hashes: list[str] = []
         new_chunks = new_bytes = 0
         for piece in chunking.split(data):
@@ -183,11 +237,14 @@ class Repository:
             if self._is_known(h):
                 continue
             key = _blob_key(h)
-            if not self.store.exists(key):
+            repair = h in self.damaged
+            if repair or not self.store.exists(key):
                 blob = self._zc().compress(piece)
                 self.store.put_bytes(key, blob)
                 new_chunks += 1
                 new_bytes += len(blob)
+                if repair:
+                    self.repaired(h)
             self._remember(h)
         whole = hashes[0] if len(hashes) == 1 else hashlib.sha256(data).hexdigest()  # one chunk: same hash
         return StoredContent(whole, len(data), hashes, new_chunks, new_bytes)
@@ -240,35 +297,81 @@ class Repository:
     def read_content(self, sha256: str, chunks: list[str], size: int, *, item: str = "item") -> bytes:
         return b"".join(self.iter_content(sha256, chunks, size, item=item))
 
+    # -- damage: found by check or by a backup's verification, repaired by the next backup -----------
+    def mark_damaged(self, h: str, reason: str) -> None:
+        """Record that chunk ``h`` is missing or corrupt: ``damaged/<h>``. Backups that meet an item using
+        it download the item again; :meth:`put_content` then rewrites the chunk and removes the marker."""
+        if not _HEX64.match(h):
+            return
+        with self._lock:
+            self.damaged.add(h)
+            self._known.pop(h, None)
+        self.store.put_bytes(f"damaged/{h}", json.dumps(
+            {"chunk": h, "reason": reason[:300], "found_at": datetime.now(timezone.utc).isoformat()}).encode())
+
+    def load_damaged(self) -> set[str]:
+        """The chunks marked damaged (one listing of ``damaged/``, usually empty); kept in :attr:`damaged`."""
+        found = {k.rsplit("/", 1)[-1] for k in self.store.list("damaged")}
+        with self._lock:
+            self.damaged = {h for h in found if _HEX64.match(h)}
+            for h in self.damaged:
+                self._known.pop(h, None)
+            return set(self.damaged)
+
+    def repaired(self, h: str) -> None:
+        """Chunk ``h`` was just rewritten from bytes whose hash is its name: no longer damaged."""
+        with self._lock:
+            self.damaged.discard(h)
+        self.store.delete(f"damaged/{h}")
+
     # -- snapshots -----------------------------------------------------------------------------------
     def _snap_prefix(self, user_id: str) -> str:
         return f"mailboxes/{mailbox_dir(user_id)}/snapshots"
 
-    def begin_snapshot(self, user_id: str, upn: str, *, after: str | None = None) -> SnapshotWriter:
+    def begin_snapshot(self, user_id: str, upn: str, *, after: str | None = None,
+                       tmp_dir: str | None = None) -> SnapshotWriter:
         """A writer for the mailbox's next snapshot; ``after``: the id of its latest snapshot (looked up
         when not given), which the new id sorts after."""
         if after is None:
-            latest = self.latest_snapshot(user_id)
-            after = latest.snapshot_id if latest else None
-        return SnapshotWriter(self, user_id, upn, after=after)
+            ids = self.snapshot_ids(user_id)
+            after = ids[-1] if ids else None
+        return SnapshotWriter(self, user_id, upn, after=after, tmp_dir=tmp_dir or self.tmp_dir)
 
-    def list_snapshots(self, user_id: str) -> list[SnapshotInfo]:
-        out = []
-        for key in self.store.list(self._snap_prefix(user_id)):
-            parts = key.split("/")
-            if parts[-1] == "snapshot.json" and _SNAP_ID.match(parts[-2]):
-                out.append(self._read_info(key))
-        return sorted(out, key=lambda s: s.snapshot_id)
-
-    def _read_info(self, key: str) -> SnapshotInfo:
-        return SnapshotInfo.from_json(json.loads(self.store.get_bytes(key)))
-
-    def latest_snapshot(self, user_id: str) -> SnapshotInfo | None:
+    def snapshot_ids(self, user_id: str) -> list[str]:
+        """Ids of the mailbox's committed snapshots (those with a ``snapshot.json``), oldest first."""
         ids = [k.split("/")[-2] for k in self.store.list(self._snap_prefix(user_id))
                if k.endswith("/snapshot.json") and _SNAP_ID.match(k.split("/")[-2])]
+        return sorted(ids)
+
+    def scan_snapshots(self, user_id: str) -> list[tuple[str, SnapshotInfo | None, str | None]]:
+        """Every committed snapshot: (id, its record or None, why it cannot be read or None)."""
+        out: list[tuple[str, SnapshotInfo | None, str | None]] = []
+        for sid in self.snapshot_ids(user_id):
+            try:
+                out.append((sid, self._read_info(f"{self._snap_prefix(user_id)}/{sid}/snapshot.json"), None))
+            except IntegrityError as e:
+                out.append((sid, None, str(e)))
+        return out
+
+    def list_snapshots(self, user_id: str) -> list[SnapshotInfo]:
+        """The mailbox's readable snapshots, oldest first (``check`` reports the unreadable ones)."""
+        return [info for _, info, _ in self.scan_snapshots(user_id) if info is not None]
+
+    def _read_info(self, key: str) -> SnapshotInfo:
+        raw = self.store.get_bytes(key)
+        try:
+            info = SnapshotInfo.from_json(json.loads(raw))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise IntegrityError(f"{key}: the commit record is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+        if info.snapshot_id != key.split("/")[-2]:
+            raise IntegrityError(f"{key}: the commit record names another snapshot ({info.snapshot_id})")
+        return info
+
+    def latest_snapshot(self, user_id: str) -> SnapshotInfo | None:
+        ids = self.snapshot_ids(user_id)
         if not ids:
             return None
-        return self.read_snapshot(user_id, max(ids))
+        return self.read_snapshot(user_id, ids[-1])
 
     def read_snapshot(self, user_id: str, snapshot_id: str) -> SnapshotInfo:
         if snapshot_id == "latest":
@@ -282,48 +385,111 @@ class Repository:
             return self._read_info(f"{self._snap_prefix(user_id)}/{snapshot_id}/snapshot.json")
         except KeyNotFound:
             raise RepositoryError(f"mailbox {user_id} has no committed snapshot {snapshot_id}") from None
+        except IntegrityError as e:
+            raise RepositoryError(f"snapshot {snapshot_id} of mailbox {user_id} is damaged: {e}") from None
 
-    def _parquet(self, key: str) -> tuple[pq.ParquetFile, str | None]:
-        if isinstance(self.store, LocalStore):
-            return pq.ParquetFile(self.store.local_path(key)), None
-        fd, tmp = tempfile.mkstemp(prefix="mailpipe-", suffix=".parquet")
+    def _local_tmp(self, tmp_dir: str | None, suffix: str) -> str:
+        fd, tmp = tempfile.mkstemp(prefix="mailpipe-", suffix=suffix, dir=tmp_dir or self.tmp_dir)
         os.close(fd)
-        self.store.get_file(key, tmp)
-        return pq.ParquetFile(tmp), tmp
+        return tmp
 
-    def _iter_parquet(self, key: str, batch_size: int, columns: list[str] | None) -> Iterator[pa.RecordBatch]:
-        pf, tmp = self._parquet(key)
+    def _parquet(self, key: str, expect: dict[str, Any] | None, tmp_dir: str | None) -> tuple[pq.ParquetFile, str | None]:
+        """Open a Parquet file of the repository, verified: against the size and sha256 its commit record
+        gives (``expect``), and page by page against its page checksums. Damage → :class:`IntegrityError`."""
+        tmp = None
         try:
-            yield from pf.iter_batches(batch_size=batch_size, columns=columns)
+            if isinstance(self.store, LocalStore):
+                path = self.store.local_path(key)
+            else:
+                path = tmp = self._local_tmp(tmp_dir, ".parquet")
+                self.store.get_file(key, tmp)
+            if expect:
+                size, digest = _file_digest(path)
+                if size != expect.get("size") or digest != expect.get("sha256"):
+                    raise IntegrityError(f"{key}: damaged ({size} bytes, sha256 {digest[:12]}…; the commit record "
+                                         f"says {expect.get('size')} bytes, {str(expect.get('sha256'))[:12]}…)")
+            try:
+                return pq.ParquetFile(path, page_checksum_verification=True), tmp
+            except PARQUET_ERRORS as e:
+                raise IntegrityError(f"{key}: unreadable Parquet ({_short_error(e)})") from None
+        except BaseException:
+            if tmp:
+                os.unlink(tmp)
+            raise
+
+    def _iter_parquet(self, key: str, batch_size: int, columns: list[str] | None, *,
+                      expect: dict[str, Any] | None = None, tmp_dir: str | None = None) -> Iterator[pa.RecordBatch]:
+        pf, tmp = self._parquet(key, expect, tmp_dir)
+        try:
+            it = pf.iter_batches(batch_size=batch_size, columns=columns)
+            while True:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                except PARQUET_ERRORS as e:
+                    raise IntegrityError(f"{key}: unreadable Parquet ({_short_error(e)})") from None
+                yield batch
         finally:
             pf.close()
             if tmp:
                 os.unlink(tmp)
 
     def iter_manifest(self, user_id: str, snapshot_id: str, *, batch_size: int = 10_000,
-                      columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+                      columns: list[str] | None = None, tmp_dir: str | None = None) -> Iterator[pa.RecordBatch]:
+        """The snapshot's manifest, batch by batch, verified (:meth:`_parquet`); damage raises
+        :class:`IntegrityError` — possibly after some batches were yielded."""
         snap = self.read_snapshot(user_id, snapshot_id)  # committed snapshots only
         return self._iter_parquet(f"{self._snap_prefix(user_id)}/{snap.snapshot_id}/manifest.parquet",
-                                  batch_size, columns)
+                                  batch_size, columns, expect=snap.files.get("manifest.parquet"), tmp_dir=tmp_dir)
 
-    def read_folders(self, user_id: str, snapshot_id: str) -> pa.Table:
+    def read_folders(self, user_id: str, snapshot_id: str, *, tmp_dir: str | None = None) -> pa.Table:
         snap = self.read_snapshot(user_id, snapshot_id)
         batches = list(self._iter_parquet(f"{self._snap_prefix(user_id)}/{snap.snapshot_id}/folders.parquet",
-                                          65536, None))
+                                          65536, None, expect=snap.files.get("folders.parquet"), tmp_dir=tmp_dir))
         return pa.Table.from_batches(batches, schema=FOLDERS)
 
+    def salvage_content(self, user_id: str, snapshot_id: str, *, tmp_dir: str | None = None) -> Iterator[list[dict]]:
+        """What can still be read of a damaged snapshot's manifest: the content columns of every row group
+        that decodes (and passes its page checksums). Used as known content — like a checkpoint — so a
+        backup whose base is damaged does not download again what the repository holds."""
+        key = f"{self._snap_prefix(user_id)}/{snapshot_id}/manifest.parquet"
+        try:
+            pf, tmp = self._parquet(key, None, tmp_dir)
+        except (IntegrityError, KeyNotFound, StoreError):
+            return
+        cols = [c for c in CHECKPOINT.names if c in pf.schema_arrow.names]
+        try:
+            for i in range(pf.num_row_groups):
+                try:
+                    rows = pf.read_row_group(i, columns=cols).to_pylist()
+                except PARQUET_ERRORS:
+                    continue
+                yield [r for r in rows if _HEX64.match(str(r.get("sha256") or ""))
+                       and r.get("item_id") and r.get("chunks") and all(_HEX64.match(str(h)) for h in r["chunks"])]
+        finally:
+            pf.close()
+            if tmp:
+                os.unlink(tmp)
+
     def list_mailboxes(self) -> list[tuple[str, str]]:
-        """(user id, upn of its latest snapshot) for every mailbox with a committed snapshot."""
-        latest: dict[str, str] = {}
+        """(user id, upn of its latest readable snapshot) for every mailbox with a committed snapshot."""
+        dirs: dict[str, list[str]] = {}
         for key in self.store.list("mailboxes"):
             parts = key.split("/")
-            if len(parts) == 5 and parts[2] == "snapshots" and parts[4] == "snapshot.json":
-                if parts[3] > latest.get(parts[1], ""):
-                    latest[parts[1]] = parts[3]
+            if len(parts) == 5 and parts[2] == "snapshots" and parts[4] == "snapshot.json" and _SNAP_ID.match(parts[3]):
+                dirs.setdefault(parts[1], []).append(parts[3])
         out = []
-        for d, sid in sorted(latest.items()):
-            info = self._read_info(f"mailboxes/{d}/snapshots/{sid}/snapshot.json")
-            out.append((info.user_id, info.upn))
+        for d, sids in sorted(dirs.items()):
+            for sid in sorted(sids, reverse=True):
+                try:
+                    info = self._read_info(f"mailboxes/{d}/snapshots/{sid}/snapshot.json")
+                except IntegrityError:
+                    continue
+                out.append((info.user_id, info.upn))
+                break
+            else:
+                out.append((d, f"(mailbox {d}: no readable snapshot)"))
         return sorted(out, key=lambda x: x[1])
 
     def find_mailbox(self, upn_or_id: str) -> str | None:
@@ -337,13 +503,12 @@ class Repository:
     def _ckpt_prefix(self, user_id: str) -> str:
         return f"mailboxes/{mailbox_dir(user_id)}/checkpoints"
 
-    def write_checkpoint(self, user_id: str, rows: list[dict[str, Any]]) -> str:
+    def write_checkpoint(self, user_id: str, rows: list[dict[str, Any]], *, tmp_dir: str | None = None) -> str:
         """A new checkpoint part listing items already stored (atomic: whole or absent)."""
         name = new_snapshot_id() + secrets.token_hex(2) + ".parquet"
-        fd, tmp = tempfile.mkstemp(prefix="mailpipe-ckpt-", suffix=".parquet")
-        os.close(fd)
+        tmp = self._local_tmp(tmp_dir, ".parquet")
         try:
-            pq.write_table(pa.Table.from_batches([to_batch(rows, CHECKPOINT)]), tmp, compression="zstd")
+            pq.write_table(pa.Table.from_batches([to_batch(rows, CHECKPOINT)]), tmp, **PARQUET_OPTIONS)
             self.store.put_file(f"{self._ckpt_prefix(user_id)}/{name}", tmp)
         finally:
             os.unlink(tmp)
@@ -352,11 +517,15 @@ class Repository:
     def list_checkpoints(self, user_id: str) -> list[str]:
         return sorted(k for k in self.store.list(self._ckpt_prefix(user_id)) if k.endswith(".parquet"))
 
-    def iter_checkpoint_rows(self, user_id: str) -> Iterator[pa.RecordBatch]:
+    def iter_checkpoint_rows(self, user_id: str, *, tmp_dir: str | None = None) -> Iterator[pa.RecordBatch]:
+        """Rows of every checkpoint part; a damaged part is skipped (it only saves downloads)."""
         for key in self.list_checkpoints(user_id):
-            yield from self._iter_parquet(key, 10_000, None)
+            try:
+                yield from self._iter_parquet(key, 10_000, None, tmp_dir=tmp_dir)
+            except IntegrityError:
+                continue
 
-    def compact_checkpoints(self, user_id: str) -> int:
+    def compact_checkpoints(self, user_id: str, *, tmp_dir: str | None = None) -> int:
         """Merge the checkpoint parts into one (streaming: bounded memory); returns the parts merged.
         The merged part is written before the old ones are deleted: a crash in between leaves duplicate
         rows, which readers tolerate (same item, same content)."""
@@ -364,13 +533,15 @@ class Repository:
         if len(keys) < 2:
             return 0
         name = new_snapshot_id() + secrets.token_hex(2) + ".parquet"
-        fd, tmp = tempfile.mkstemp(prefix="mailpipe-ckpt-", suffix=".parquet")
-        os.close(fd)
+        tmp = self._local_tmp(tmp_dir, ".parquet")
         try:
-            with pq.ParquetWriter(tmp, CHECKPOINT, compression="zstd") as w:
+            with pq.ParquetWriter(tmp, CHECKPOINT, **PARQUET_OPTIONS) as w:
                 for key in keys:
-                    for batch in self._iter_parquet(key, 10_000, None):
-                        w.write_batch(batch)
+                    try:
+                        for batch in self._iter_parquet(key, 10_000, None, tmp_dir=tmp_dir):
+                            w.write_batch(batch)
+                    except IntegrityError:
+                        continue
             self.store.put_file(f"{self._ckpt_prefix(user_id)}/{name}", tmp)
         finally:
             os.unlink(tmp)
@@ -382,19 +553,166 @@ class Repository:
         for key in self.list_checkpoints(user_id):
             self.store.delete(key)
 
+    # -- leftovers of backups that died ----------------------------------------------------------------
+    def clean_mailbox(self, user_id: str, *, older_than: float) -> int:
+        """Remove what dead backups of this mailbox left in the repository: snapshot folders that were
+        never committed (no ``snapshot.json``), and temporary files / incomplete uploads older than
+        ``older_than`` seconds. Call it holding the mailbox's lease (nobody else writes its snapshots)."""
+        prefix = self._snap_prefix(user_id)
+        by_dir: dict[str, list[str]] = {}
+        for key in self.store.list(prefix):
+            by_dir.setdefault(key.rsplit("/", 1)[0], []).append(key)
+        removed = 0
+        for d, keys in by_dir.items():
+            if not any(k.endswith("/snapshot.json") for k in keys):
+                for k in keys:
+                    self.store.delete(k)
+                    removed += 1
+        removed += self.store.clean_leftovers(f"mailboxes/{mailbox_dir(user_id)}", older_than)
+        return removed
+
+    # -- the mailbox lease ---------------------------------------------------------------------------------
+    def _lease_key(self, user_id: str) -> str:
+        return f"mailboxes/{mailbox_dir(user_id)}/lease.json"
+
+    def acquire_lease(self, user_id: str, upn: str, seconds: float) -> Lease:
+        """Take the mailbox's backup lease for ``seconds`` (renew it with :meth:`Lease.renew`), or raise
+        :class:`LeaseBusy` naming the holder. A conditional create takes a free lease; an expired one is
+        taken over with a conditional replace of exactly the version that was read, so of two backups
+        racing for it one wins. No lock service is needed; the store's conditional writes are the lock."""
+        key = self._lease_key(user_id)
+        me = {"holder": secrets.token_hex(8), "host": socket.gethostname(), "pid": os.getpid(),
+              "pid_start": _process_start(os.getpid()), "upn": upn, "acquired_at": datetime.now(timezone.utc).isoformat()}
+        for _ in range(3):
+            body = _lease_body(me, seconds)
+            try:
+                version = self.store.put_if_absent(key, body)
+                return Lease(self, key, me, seconds, version)
+            except PreconditionFailed:
+                pass
+            try:
+                raw, version = self.store.get_versioned(key)
+            except KeyNotFound:
+                continue  # released meanwhile: try again
+            try:
+                cur = json.loads(raw)
+                expires = datetime.fromisoformat(cur["expires_at"])
+            except (ValueError, KeyError, TypeError):
+                cur, expires = {"holder": "?"}, datetime.min.replace(tzinfo=timezone.utc)  # unreadable: expired
+            if expires > datetime.now(timezone.utc) and not _holder_dead(cur):
+                raise LeaseBusy(
+                    f"another backup of this mailbox is running (host {cur.get('host')}, pid {cur.get('pid')}, "
+                    f"since {str(cur.get('acquired_at'))[:19]} UTC; its lease expires {str(cur.get('expires_at'))[:19]} "
+                    "UTC unless renewed)", cur)
+            try:
+                version = self.store.put_if_version(key, body, version)
+                return Lease(self, key, me, seconds, version)
+            except (PreconditionFailed, KeyNotFound):
+                continue  # someone else took it over first (or released it): look again
+        raise LeaseBusy("another backup of this mailbox is taking its lease at the same time", {})
+
+
+def _proc_stat(pid: int) -> list[bytes] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (Linux: clock ticks since boot), to tell a live holder from a reused pid."""
+    fields = _proc_stat(pid)
+    return fields[19].decode() if fields and len(fields) > 19 else None
+
+
+def _holder_dead(lease: dict[str, Any]) -> bool:
+    """A lease held by a process of *this* host that no longer runs (killed: no chance to release it) is
+    free at once; on other hosts only its expiry tells."""
+    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+        return False
+    pid = lease["pid"]
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # alive, another user's
+    fields = _proc_stat(pid)
+    if fields and fields[0] == b"Z":
+        return True  # killed, not yet reaped
+    start = fields[19].decode() if fields and len(fields) > 19 else None
+    return bool(start and lease.get("pid_start") and start != lease["pid_start"])
+
+
+def _lease_body(me: dict[str, Any], seconds: float) -> bytes:
+    now = datetime.now(timezone.utc)
+    return json.dumps({**me, "renewed_at": now.isoformat(),
+                       "expires_at": (now + timedelta(seconds=seconds)).isoformat()}).encode()
+
+
+class Lease:
+    """A held mailbox lease: :meth:`renew` before it expires (every third of its length), :meth:`release`
+    at the end. :meth:`renew` raises :class:`LeaseBusy` when the lease was lost (it expired and another
+    backup took it over): the holder must stop without committing."""
+
+    def __init__(self, repo: Repository, key: str, me: dict[str, Any], seconds: float, version: str) -> None:
+        self.repo = repo
+        self.key = key
+        self.me = me
+        self.seconds = seconds
+        self.version = version
+        self.renewed = time.monotonic()
+
+    def renew(self) -> None:
+        try:
+            self.version = self.repo.store.put_if_version(self.key, _lease_body(self.me, self.seconds), self.version)
+        except (PreconditionFailed, KeyNotFound):
+            raise LeaseBusy("this backup's lease on the mailbox was lost (it expired and another backup took "
+                            "it over); stopped without committing", {}) from None
+        self.renewed = time.monotonic()
+
+    def release(self) -> None:
+        try:
+            self.repo.store.delete_if_version(self.key, self.version)
+        except (PreconditionFailed, StoreError):
+            pass  # not ours any more, or the store is gone: it expires by itself
+
+
+def _file_digest(path: str) -> tuple[int, str]:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return n, h.hexdigest()
+
+
+def _short_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text[:200]
+
+
+# Parquet files are written with page checksums (CRC32 per page), which readers verify: a flipped byte
+# that still decompresses is found too, page by page.
+PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "write_page_checksum": True}
+
 
 class SnapshotWriter:
     """Streams a snapshot's manifest to a local temporary Parquet file (row group by row group), then
-    uploads it, the folders table, and finally ``snapshot.json``: the commit."""
+    uploads it, the folders table, and finally ``snapshot.json`` (with the size and sha256 of both
+    files): the commit."""
 
-    def __init__(self, repo: Repository, user_id: str, upn: str, after: str | None = None) -> None:
+    def __init__(self, repo: Repository, user_id: str, upn: str, after: str | None = None,
+                 tmp_dir: str | None = None) -> None:
         self.repo = repo
         self.user_id = user_id
         self.upn = upn
         self.snapshot_id = new_snapshot_id(after=after if after and _SNAP_ID.match(after) and "." in after else None)
-        self._dir = tempfile.mkdtemp(prefix="mailpipe-snap-")
+        self._dir = tempfile.mkdtemp(prefix="mailpipe-snap-", dir=tmp_dir)
         self._manifest_path = os.path.join(self._dir, "manifest.parquet")
-        self._writer = pq.ParquetWriter(self._manifest_path, MANIFEST, compression="zstd")
+        self._writer = pq.ParquetWriter(self._manifest_path, MANIFEST, **PARQUET_OPTIONS)
         self._folders: list[dict[str, Any]] = []
         self.items = 0
         self.size_bytes = 0
@@ -411,27 +729,37 @@ class SnapshotWriter:
         self._folders = list(rows)
 
     def commit(self, *, delta_links: dict[str, str], stats: dict[str, Any], skipped: list[dict[str, Any]],
-               started_at: datetime | None = None) -> SnapshotInfo:
+               started_at: datetime | None = None, pending: list[dict[str, Any]] | None = None,
+               base: dict[str, Any] | None = None, before_commit: Any = None) -> SnapshotInfo:
+        """Upload the files, then ``snapshot.json``. ``before_commit``: called right before the commit
+        record is written (the engine renews its lease there: a backup that lost it never commits)."""
         if self._done:
             raise RuntimeError("snapshot already committed or aborted")
         self._writer.close()
         prefix = f"{self.repo._snap_prefix(self.user_id)}/{self.snapshot_id}"
         folders_path = os.path.join(self._dir, "folders.parquet")
-        pq.write_table(pa.Table.from_batches([to_batch(self._folders, FOLDERS)]), folders_path, compression="zstd")
-        self.repo.store.put_file(f"{prefix}/manifest.parquet", self._manifest_path)
-        self.repo.store.put_file(f"{prefix}/folders.parquet", folders_path)
+        pq.write_table(pa.Table.from_batches([to_batch(self._folders, FOLDERS)]), folders_path, **PARQUET_OPTIONS)
+        files = {}
+        for name, path in (("manifest.parquet", self._manifest_path), ("folders.parquet", folders_path)):
+            size, digest = _file_digest(path)
+            files[name] = {"size": size, "sha256": digest}
+            self.repo.store.put_file(f"{prefix}/{name}", path)
         info = SnapshotInfo(
             snapshot_id=self.snapshot_id, user_id=self.user_id, upn=self.upn, started_at=started_at,
             committed_at=datetime.now(timezone.utc), items=self.items, size_bytes=self.size_bytes,
             stats=dict(stats), delta_links=dict(delta_links), skipped=list(skipped),
+            pending=list(pending or []), files=files, base=dict(base or {}),
         )
+        if before_commit is not None:
+            before_commit()
         self.repo.store.put_bytes(f"{prefix}/snapshot.json", json.dumps(info.to_json(), indent=1,
                                                                         default=str).encode())
         self._cleanup()
         return info
 
     def abort(self) -> None:
-        """Nothing was committed: drop the local files (uploaded Parquet files, if any, stay invisible)."""
+        """Nothing was committed: drop the local files (uploaded Parquet files, if any, stay invisible
+        until the next backup of the mailbox removes them)."""
         if not self._done:
             try:
                 self._writer.close()
@@ -446,14 +774,20 @@ class SnapshotWriter:
         os.rmdir(self._dir)
 
 
-def open_repository(tenant: TenantConfig, *, s3_client: Any = None, create: bool = True) -> Repository:
-    """The tenant's repository: ``s3://bucket/prefix`` or a local folder (path or ``file://`` URL)."""
+def open_repository(tenant: TenantConfig, *, s3_client: Any = None, create: bool = True,
+                    tmp_dir: str | None = None) -> Repository:
+    """The tenant's repository: ``s3://bucket/prefix`` or a local folder (path or ``file://`` URL).
+    A store that cannot be used raises a one-line :class:`UserError` naming the tenant and the storage."""
     storage = tenant.storage
-    if storage.startswith("s3://"):
-        bucket, _, prefix = storage[5:].partition("/")
-        client = s3_client or make_s3_client(tenant.s3.endpoint_url, tenant.s3.region)
-        store: ObjectStore = S3Store(client, bucket, prefix)
-    else:
-        path = storage[7:] if storage.startswith("file://") else storage
-        store = LocalStore(os.path.expanduser(path))
-    return Repository.open(store, tenant.name, create=create)
+    try:
+        if storage.startswith("s3://"):
+            bucket, _, prefix = storage[5:].partition("/")
+            client = s3_client or make_s3_client(tenant.s3.endpoint_url, tenant.s3.region)
+            store: ObjectStore = S3Store(client, bucket, prefix)
+        else:
+            path = storage[7:] if storage.startswith("file://") else storage
+            store = LocalStore(os.path.expanduser(path))
+        return Repository.open(store, tenant.name, create=create, tmp_dir=tmp_dir)
+    except UserError as e:
+        text = str(e)
+        raise type(e)(f"tenant {tenant.name}: {text}" if not text.startswith("tenant ") else text) from None
