@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 141
     except Exception as e:  # one clear line for expected errors; tracebacks only for bugs
         from mailpipe.errors import UserError
+        from mailpipe.graph.errors import GraphError
 
-        if isinstance(e, UserError):
+        if isinstance(e, (UserError, GraphError)):  # their messages name what to fix, never a secret
             print(f"mailpipe: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import uuid
 
 import pytest
@@ -18,6 +19,8 @@ for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
     os.environ[k] = v
 os.environ.pop("AWS_PROFILE", None)
 os.environ.pop("MAILPIPE_TENANTS", None)
+# working state (and the demo's data) of everything the tests run, in-process or not, out of the checkout
+os.environ["MAILPIPE_HOME"] = tempfile.mkdtemp(prefix="mailpipe-tests-home-")
 
 
 def free_port() -> int:

@@ -29,8 +29,8 @@ def env(tmp_path, monkeypatch, sim_factory):
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
-    vars_ = {"MAILPIPE_TENANTS": str(tfile), "DAGSTER_HOME": str(home), "MAILPIPE_RETRY_MAX_ATTEMPTS": "3",
-             "MAILPIPE_RETRY_BASE_DELAY": "0.01", "MAILPIPE_HOME": str(tmp_path / "mp")}
+    vars_ = {"MAILPIPE_TENANTS": str(tfile), "DAGSTER_HOME": str(home), "MAILPIPE_GRAPH_RETRY_ATTEMPTS": "3",
+             "MAILPIPE_GRAPH_RETRY_BASE_DELAY": "0.01", "MAILPIPE_HOME": str(tmp_path / "mp")}
     for k, v in vars_.items():
         monkeypatch.setenv(k, v)
     instance = dg.DagsterInstance.from_config(str(home))

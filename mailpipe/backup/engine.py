@@ -2,17 +2,24 @@
 
 One mailbox backup (:class:`MailboxBackup`):
 
-1. resolve the mailbox (UPN → Entra object id) and load the latest committed snapshot's manifest into
-   an on-disk merge table (:mod:`mailpipe.backup.state`), plus the checkpoint rows of an interrupted
-   backup newer than it;
-2. list the folder tree, then run every folder's message delta from the link the last snapshot
-   committed (from scratch for new folders, and again from scratch after a 410);
-3. queue a download only for items whose content is not known; downloads run through the mailbox's
-   Graph limiter (≤ 4 in flight) while hashing, compression and uploads run in a thread pool, so the
-   limiter stays busy;
-4. checkpoint stored items every few seconds (so a killed backup loses at most that), and finally
-   stream the merged manifest into a new snapshot and commit it; the delta links advance only there.
+1. resolve the mailbox (UPN → Entra object id) and take its **lease** in the repository (one backup of a
+   mailbox at a time, across processes and hosts); clear what dead backups of it left behind;
+2. load the newest *readable* committed snapshot's manifest into an on-disk merge table
+   (:mod:`mailpipe.backup.state`) — a damaged one is skipped, and what can be salvaged of it is kept as
+   known content — plus the checkpoint rows of an interrupted backup;
+3. list the folder tree; find carried-forward content whose chunks are damaged (marked by ``check`` or
+   by another backup, or found by reading back a rotating slice) and queue those items for download;
+4. run every folder's message delta from the link the last snapshot committed (from scratch for new
+   folders, and again from scratch when Graph no longer accepts the link); queue a download only for
+   items whose content is not known; downloads run through the mailbox's Graph limiter while hashing,
+   compression and uploads run in a thread pool;
+5. items Graph could not serve are tried again later in the same backup (a ``$value`` 404 is first
+   confirmed with a metadata GET: only a confirmed miss removes an item); what still fails is skipped and
+   recorded as pending, so the next backup fetches it even though the delta will not mention it again;
+6. checkpoint stored items every few seconds, and finally stream the merged manifest into a new
+   snapshot and commit it (renewing the lease right before); the delta links advance only there.
 
+Everything is bounded in time: a deadline per mailbox, per request (docs/GRAPH.md), and paging budgets.
 Many mailboxes run concurrently (:func:`backup_many`), each with its own limiter: a throttled mailbox
 never holds up the others. A mailbox that fails does so alone; its checkpoints remain.
 """
@@ -21,8 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
-import tempfile
+import shutil
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -32,23 +41,25 @@ from typing import Any
 from mailpipe.backup.api import Discovery, MailboxRef, MailboxResult, ProgressCallback, SkippedUser
 from mailpipe.backup.state import BackupState, Content
 from mailpipe.config import TenantConfig
+from mailpipe.errors import UserError
+from mailpipe.settings import Settings
 
 log = logging.getLogger("mailpipe.backup")
 
-CHECKPOINT_SECONDS = float(os.environ.get("MAILPIPE_CHECKPOINT_SECONDS", "2"))
-CHECKPOINT_ITEMS = int(os.environ.get("MAILPIPE_CHECKPOINT_ITEMS", "25"))
 CHECKPOINT_COMPACT_PARTS = 64  # merge the parts every so often: a restart reads few objects
 PROGRESS_SECONDS = 10.0
 DELTA_PAGE_SIZE = 500
 FOLDER_SCANNERS = 2          # folders whose delta is read at the same time, per mailbox
 STORE_THREADS = 8            # hashing + compression + uploads, shared by the mailboxes of one call
-DEFAULT_PARALLEL_MAILBOXES = 32
+ITEM_RETRY_PASSES = 3        # an item Graph could not serve is tried this many more times in one backup
+VERIFY_BATCH = 256           # chunks read back at a time (in the thread pool)
+WIND_DOWN_SECONDS = 15.0     # a failing backup waits this long for downloads in flight to be stored
 
 
-async def discover(tenant: TenantConfig) -> Discovery:
+async def discover(tenant: TenantConfig, settings: Settings | None = None) -> Discovery:
     from mailpipe.graph import GraphTenant
 
-    async with GraphTenant.from_config(tenant) as graph:
+    async with GraphTenant.from_config(tenant, settings) as graph:
         listing = await graph.list_mailboxes()
     mailboxes = sorted(
         (MailboxRef(user_id=m.id, upn=m.upn.lower()) for m in listing.mailboxes
@@ -59,30 +70,68 @@ async def discover(tenant: TenantConfig) -> Discovery:
     return Discovery(mailboxes=mailboxes, skipped=skipped)
 
 
+def private_dir(path: str) -> str:
+    """``path`` as a directory only its owner can enter (0700), created if needed."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, stat.S_IRWXU)
+    return path
+
+
+def sweep_work_dirs(tenant_work: str, older_than: float) -> int:
+    """Remove mailbox work dirs of backups that died (nothing in them touched for ``older_than`` s)."""
+    removed = 0
+    cutoff = time.time() - older_than
+    try:
+        entries = list(os.scandir(tenant_work))
+    except FileNotFoundError:
+        return 0
+    for e in entries:
+        if not e.is_dir(follow_symlinks=False):
+            continue
+        newest = e.stat(follow_symlinks=False).st_mtime
+        for dirpath, _, files in os.walk(e.path):
+            for f in files:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(dirpath, f)).st_mtime)
+                except FileNotFoundError:
+                    pass
+        if newest < cutoff:
+            shutil.rmtree(e.path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 async def backup_many(
     tenant: TenantConfig,
     upns: list[str],
     *,
+    settings: Settings | None = None,
     skip_if_committed_since: datetime | None = None,
     progress: ProgressCallback | None = None,
     max_parallel_mailboxes: int | None = None,
     graph_options: dict[str, Any] | None = None,
     s3_client: Any = None,
+    wait_for_lease: bool = False,
 ) -> list[MailboxResult]:
     from mailpipe.graph import GraphTenant
     from mailpipe.repo import open_repository
 
+    settings = settings or Settings()
+    work = private_dir(os.path.join(private_dir(settings.work_root()), tenant.name))
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="mailpipe-store")
     try:
-        repo = await loop.run_in_executor(pool, lambda: open_repository(tenant, s3_client=s3_client))
-        sem = asyncio.Semaphore(max_parallel_mailboxes or DEFAULT_PARALLEL_MAILBOXES)
-        async with GraphTenant.from_config(tenant, **(graph_options or {})) as graph:
+        await loop.run_in_executor(pool, sweep_work_dirs, work, max(3600.0, 2 * settings.lease_seconds))
+        repo = await loop.run_in_executor(pool, lambda: open_repository(tenant, s3_client=s3_client, tmp_dir=work))
+        await loop.run_in_executor(pool, repo.load_damaged)
+        sem = asyncio.Semaphore(max_parallel_mailboxes or settings.max_parallel_mailboxes)
+        async with GraphTenant.from_config(tenant, settings, **(graph_options or {})) as graph:
 
             async def one(upn: str) -> MailboxResult:
                 async with sem:
-                    job = MailboxBackup(tenant, graph, repo, pool, upn, progress=progress,
-                                        skip_if_committed_since=skip_if_committed_since)
+                    job = MailboxBackup(tenant, graph, repo, pool, upn, settings=settings, work=work,
+                                        progress=progress, skip_if_committed_since=skip_if_committed_since,
+                                        wait_for_lease=wait_for_lease)
                     return await job.run()
 
             return list(await asyncio.gather(*(one(u) for u in upns)))
@@ -101,8 +150,11 @@ class MailboxBackup:
         pool: ThreadPoolExecutor,
         upn: str,
         *,
+        settings: Settings,
+        work: str,
         progress: ProgressCallback | None = None,
         skip_if_committed_since: datetime | None = None,
+        wait_for_lease: bool = False,
         fetch_workers: int | None = None,
     ) -> None:
         self.tenant = tenant
@@ -110,8 +162,12 @@ class MailboxBackup:
         self.repo = repo
         self.pool = pool
         self.upn = upn.lower()
+        self.s = settings
+        self.tenant_work = work
+        self.work: str | None = None  # this mailbox's private work dir, once its id is known
         self.progress = progress
         self.skip_since = skip_if_committed_since
+        self.wait_for_lease = wait_for_lease
         # one more than the limiter admits, so a request is always ready when one finishes
         self.fetch_workers = fetch_workers or tenant.limits.concurrent_requests_per_mailbox + 2
         self.result = MailboxResult(upn=self.upn)
@@ -123,6 +179,11 @@ class MailboxBackup:
         self._listings = 0
         self._ckpt_parts = 0
         self._compacting = asyncio.Lock()
+        self._deferred: dict[str, str] = {}     # item id → why Graph could not serve it (tried again later)
+        self._tries: dict[str, int] = {}
+        self._side: set[asyncio.Task[Any]] = set()  # confirmations of 404s, running beside the workers
+        self._invalid: list[dict[str, Any]] = []   # delta entries that cannot be items (no id)
+        self._lease: Any = None
         self.bytes_fetched = 0
         self.bytes_stored_new = 0
 
@@ -132,28 +193,49 @@ class MailboxBackup:
     # ------------------------------------------------------------------------------------------------
     async def run(self) -> MailboxResult:
         from mailpipe.graph.errors import GraphError
+        from mailpipe.repo.repository import LeaseBusy
 
         t0 = time.monotonic()
         mb = None
+        renewer: asyncio.Task[None] | None = None
+        deadline = asyncio.timeout(self.s.mailbox_deadline)
         try:
-            mailbox = await self.graph.resolve_mailbox(self.upn)
-            self.result.user_id = mailbox.id
-            mb = self.graph.mailbox(mailbox.id, self.upn)
-            await self._run(mb)
-            self.result.ok = True
+            async with deadline:
+                mailbox = await self.graph.resolve_mailbox(self.upn)
+                self.result.user_id = mailbox.id
+                mb = self.graph.mailbox(mailbox.id, self.upn)
+                if await self._take_lease():
+                    renewer = asyncio.create_task(self._renew_lease())
+                    await self._run(mb)
+                self.result.ok = True
+        except TimeoutError as e:
+            if not deadline.expired():
+                log.exception("backup of %s failed", self.upn)
+                self._fail(f"timed out: {e}", "transient")
+            else:
+                self._fail(f"did not finish within its deadline of {self.s.mailbox_deadline:g} s "
+                           "(MAILPIPE_MAILBOX_DEADLINE); what it stored is kept for the next attempt", "deadline")
+        except LeaseBusy as e:
+            self._fail(str(e), "busy")
         except GraphError as e:
-            msg = str(e)
-            self.result.error = msg if self.upn in msg else f"{self.upn}: {msg}"
-            self.result.error_kind = e.kind
+            self._fail(str(e), e.kind)
+        except UserError as e:  # storage: a clear line, no traceback
+            self._fail(str(e), "storage")
         except Exception as e:  # a bug or a storage failure: this mailbox fails alone
             log.exception("backup of %s failed", self.upn)
-            self.result.error = f"{self.upn}: {type(e).__name__}: {e}"
-            self.result.error_kind = "permanent" if not _is_storage_transient(e) else "transient"
+            self._fail(f"{type(e).__name__}: {e}", "permanent" if not _is_storage_transient(e) else "transient")
         finally:
+            if renewer is not None:
+                renewer.cancel()
+                await asyncio.gather(renewer, return_exceptions=True)
+            if self._lease is not None:
+                await self._io(self._lease.release)
             if mb is not None:
                 self.result.requests = mb.stats.requests
                 self.result.throttled = mb.stats.throttled
                 await self.graph.release(mb.user_id)
+            if self.work is not None:
+                shutil.rmtree(self.work, ignore_errors=True)
             self.result.bytes_fetched = self.bytes_fetched
             self.result.bytes_stored_new = self.bytes_stored_new
             self.result.seconds = round(time.monotonic() - t0, 3)
@@ -161,18 +243,70 @@ class MailboxBackup:
             log.warning("backup of %s failed: %s", self.upn, self.result.error)
         return self.result
 
-    async def _run(self, mb: Any) -> None:
+    def _fail(self, msg: str, kind: str) -> None:
+        self.result.error = msg if self.upn in msg else f"{self.upn}: {msg}"
+        self.result.error_kind = kind
+
+    def _warn(self, msg: str) -> None:
+        log.warning("%s: %s", self.upn, msg)
+        self.result.warnings.append(msg)
+
+    async def _take_lease(self) -> bool:
+        """Hold the mailbox's lease. False when, having waited for another backup of it, that one
+        committed a snapshot since this backup was asked for (nothing left to do)."""
+        from mailpipe.repo.repository import LeaseBusy
+
+        asked_at = datetime.now(timezone.utc)
         user_id = self.result.user_id
-        latest = await self._io(lambda: self.repo.latest_snapshot(user_id))
-        if latest is not None and self.skip_since is not None and latest.committed_at >= self.skip_since:
-            self._already_committed(latest)
-            return
-        with tempfile.TemporaryDirectory(prefix="mailpipe-backup-") as tmp:
-            state = BackupState(os.path.join(tmp, "state.sqlite"))
+        waited = False
+        while True:
             try:
-                await self._backup(mb, state, latest)
-            finally:
-                state.close()
+                self._lease = await self._io(lambda: self.repo.acquire_lease(user_id, self.upn, self.s.lease_seconds))
+                break
+            except LeaseBusy as e:
+                if not self.wait_for_lease:
+                    raise
+                if not waited:
+                    log.info("%s: waiting: %s", self.upn, e)
+                waited = True
+                await asyncio.sleep(min(10.0, self.s.lease_seconds / 3))
+        since = asked_at if waited else self.skip_since
+        if since is not None:
+            latest = await self._io(lambda: _latest_readable(self.repo, user_id))
+            if latest is not None and latest.committed_at >= since:
+                self._already_committed(latest)
+                return False
+        return True
+
+    async def _renew_lease(self) -> None:
+        from mailpipe.repo.repository import LeaseBusy
+
+        while True:
+            await asyncio.sleep(self._lease.seconds / 3)
+            try:
+                await self._io(self._lease.renew)
+            except LeaseBusy as e:
+                self._fatal = e
+                return
+            except Exception as e:  # the store is unreachable: try again at the next third
+                log.warning("%s: could not renew the lease: %s", self.upn, e)
+
+    async def _run(self, mb: Any) -> None:
+        from mailpipe.repo.repository import mailbox_dir
+
+        user_id = self.result.user_id
+        self.work = os.path.join(self.tenant_work, mailbox_dir(user_id))
+        shutil.rmtree(self.work, ignore_errors=True)  # a dead backup's state (we hold the lease)
+        private_dir(self.work)
+        cleaned = await self._io(lambda: self.repo.clean_mailbox(
+            user_id, older_than=max(3600.0, 2 * self.s.lease_seconds)))
+        if cleaned:
+            log.info("%s: removed %d leftovers of an interrupted backup", self.upn, cleaned)
+        state = BackupState(os.path.join(self.work, "state.sqlite"))
+        try:
+            await self._backup(mb, state)
+        finally:
+            state.close()
 
     def _already_committed(self, latest: Any) -> None:
         r = self.result
@@ -183,52 +317,130 @@ class MailboxBackup:
             if k.startswith("items_") and hasattr(r, k) and isinstance(v, int):
                 setattr(r, k, v)
 
-    async def _backup(self, mb: Any, state: BackupState, latest: Any) -> None:
+    # -- 1. the base: the newest readable snapshot ---------------------------------------------------------
+    async def _load_base(self, state: BackupState) -> tuple[Any, dict[str, Any]]:
+        """Load the newest snapshot whose record and manifest are intact; damaged newer ones are skipped
+        (said so in the result and the new commit record) and what can be read of their manifests is kept
+        as known content. Returns (the base's record or None, the ``base`` entry of the new commit)."""
+        from mailpipe.repo.repository import IntegrityError, RepositoryError
+
+        user_id = self.result.user_id
+        ids = await self._io(lambda: self.repo.snapshot_ids(user_id))
+        unreadable: list[dict[str, str]] = []
+        salvaged = 0
+        for sid in reversed(ids):
+            try:
+                info = await self._io(lambda sid=sid: self.repo.read_snapshot(user_id, sid))
+                await self._stream_into(
+                    lambda sid=sid: self.repo.iter_manifest(user_id, sid, tmp_dir=self.work), state.load_previous)
+            except (IntegrityError, RepositoryError) as e:
+                state.reset_previous()
+                unreadable.append({"snapshot_id": sid, "error": str(e)[:300]})
+                salvaged += await self._stream_into(
+                    lambda sid=sid: self.repo.salvage_content(user_id, sid, tmp_dir=self.work), state.load_checkpoint)
+                continue
+            if unreadable:
+                self._warn(f"snapshot(s) {', '.join(u['snapshot_id'] for u in unreadable)} cannot be read "
+                           f"({unreadable[0]['error']}); this backup continues from snapshot {sid}"
+                           + (f", reusing the content of {salvaged} items still readable in them" if salvaged else ""))
+            return info, {"snapshot_id": sid, "unreadable": unreadable, "salvaged_items": salvaged}
+        if unreadable:
+            self._warn(f"no readable snapshot ({len(unreadable)} damaged: {unreadable[0]['error']}); every folder is "
+                       f"listed from scratch, reusing the content of {salvaged} items still readable in them")
+        return None, {"snapshot_id": None, "unreadable": unreadable, "salvaged_items": salvaged}
+
+    # -- 2. damaged content: found by check or another backup, or by reading back a slice ------------------
+    async def _find_damage(self, state: BackupState, live: set[str], base: Any) -> list[str]:
+        """Items whose carried-forward content uses a damaged chunk; their content is forgotten, so they
+        are downloaded again and the chunks rewritten. Reads back a rotating slice of the chunks this
+        backup carries forward: all of them when there are at most ``verify_min_chunks``, else one
+        ``verify_cycle``-th (at least ``verify_min_chunks``), a different slice each backup."""
+        from mailpipe.repo.repository import IntegrityError
+
+        items: dict[str, list[str]] = dict(state.carried_chunks(live))
+        distinct = {h for chunks in items.values() for h in chunks}
+        budget = max(self.s.verify_min_chunks, math.ceil(len(distinct) / self.s.verify_cycle))
+        slices = max(1, math.ceil(len(distinct) / budget)) if budget else 0
+        if slices:
+            prev = ((base.stats or {}).get("verify") or {}) if base is not None else {}
+            k = (int(prev.get("slice", -1)) + 1) % slices if prev.get("of") == slices else 0
+            todo = sorted(h for h in distinct if int(h[:8], 16) % slices == k and h not in self.repo.damaged)
+            self.result.chunks_verified = len(todo)
+            self._verify_slice = {"slice": k, "of": slices, "chunks": len(todo)}
+
+            def verify(h: str) -> None:
+                try:
+                    self.repo.verify_chunk(h, item=f"mailbox {self.upn}")
+                except IntegrityError as e:
+                    self.repo.mark_damaged(h, f"found by a backup of {self.upn}: {e}")
+
+            for i in range(0, len(todo), VERIFY_BATCH):
+                await asyncio.gather(*(self._io(lambda h=h: verify(h)) for h in todo[i:i + VERIFY_BATCH]))
+        damaged = set(self.repo.damaged)
+        if not damaged:
+            return []
+        dropped = state.drop_checkpoint_rows_using(damaged)
+        repair = [i for i, chunks in items.items() if damaged.intersection(chunks)]
+        state.invalidate(repair)
+        if repair or dropped:
+            self._warn(f"{len(repair)} item(s) use damaged or missing chunks: downloading them again to repair "
+                       "the repository")
+        self.result.items_repaired = len(repair)
+        return repair
+
+    # -- 3. the backup -------------------------------------------------------------------------------------
+    async def _backup(self, mb: Any, state: BackupState) -> None:
         user_id = self.result.user_id
         started_at = datetime.now(timezone.utc)
-        # 1. what is known: the last snapshot, and what an interrupted backup stored since
-        prev_links: dict[str, str] = {}
-        prev_skipped: list[dict[str, Any]] = []
-        if latest is not None:
-            prev_links = dict(latest.delta_links or {})
-            prev_skipped = list(latest.skipped or [])
-            await self._stream_into(
-                lambda: self.repo.iter_manifest(user_id, latest.snapshot_id), state.load_previous
-            )
-        n_ckpt = await self._stream_into(lambda: self.repo.iter_checkpoint_rows(user_id), state.load_checkpoint)
+        self._verify_slice: dict[str, int] = {}
+        base, base_entry = await self._load_base(state)
+        prev_links: dict[str, str] = dict(base.delta_links or {}) if base is not None else {}
+        prev_pending = base.pending_items() if base is not None else []
+        n_ckpt = await self._stream_into(
+            lambda: self.repo.iter_checkpoint_rows(user_id, tmp_dir=self.work), state.load_checkpoint)
         if n_ckpt:
             log.info("%s: resuming: %d items stored by an interrupted backup", self.upn, n_ckpt)
 
-        # 2. the folder tree as it is now
         folders = {f.id: f for f in (await mb.list_folders())}
         live = set(folders)
+        repair = await self._find_damage(state, live, base)
+        ids = await self._io(lambda: self.repo.snapshot_ids(user_id))
         writer = await self._io(lambda: self.repo.begin_snapshot(
-            user_id, self.upn, after=latest.snapshot_id if latest else ""))
+            user_id, self.upn, after=ids[-1] if ids else "", tmp_dir=self.work))
         try:
-            # 3. deltas + downloads, pipelined
             new_links: dict[str, str] = {}
+            gone_folders: set[str] = set()
             workers = [asyncio.create_task(self._fetch_worker(mb, state)) for _ in range(self.fetch_workers)]
             scan_sem = asyncio.Semaphore(FOLDER_SCANNERS)
 
             async def scan(fid: str) -> None:
                 async with scan_sem:
-                    new_links[fid] = await self._scan_folder(mb, state, fid, prev_links.get(fid))
+                    link = await self._scan_folder(mb, state, fid, prev_links.get(fid),
+                                                   folders[fid].total_item_count)
+                    if link is None:
+                        gone_folders.add(fid)
+                    else:
+                        new_links[fid] = link
 
             try:
-                # items Graph could not serve last time are tried again
-                for s in prev_skipped:
+                for item_id in repair:
+                    await self._put_queue(item_id)
+                # items Graph could not serve last time are fetched again, whatever the delta says
+                for s in prev_pending:
                     if s.get("item_id") and state.item_folder(s["item_id"]) is None and s.get("folder_id") in live:
                         if state.upsert(s["folder_id"], s):
                             await self._put_queue(s["item_id"])
                 await _gather_or_cancel([scan(fid) for fid in sorted(folders)])
+                await self._drain(state)
             finally:
-                for _ in workers:
-                    await self._queue.put(None)
-                await asyncio.gather(*workers, return_exceptions=True)
+                await self._wind_down(workers)
                 # whatever happened, what was stored stays usable by the next attempt
                 await self._flush_checkpoint(force=True)
             if self._fatal is not None:
                 raise self._fatal
+            for fid in gone_folders:  # Graph confirmed these folders no longer exist: their items leave
+                del folders[fid]
+                live.discard(fid)
 
             # 4. the new snapshot: everything present now
             counts = state.counts(live)
@@ -237,18 +449,31 @@ class MailboxBackup:
             for batch in state.iter_manifest(live, snapshot_id):
                 rows = [_manifest_row(r, folders) for r in batch]
                 await self._io(lambda rows=rows: writer.add_items(rows))
+            skipped_rows = state.skipped()
+            pending = [{k: v for k, v in s.items() if k != "reason"} for s in skipped_rows]
             skipped = [
-                {**s, "folder_path": list(folders[s["folder_id"]].path) if s["folder_id"] in folders else []}
-                for s in state.skipped()
+                {"item_id": s["item_id"], "folder_id": s["folder_id"], "subject": s.get("subject"),
+                 "folder_path": list(folders[s["folder_id"]].path) if s["folder_id"] in folders else [],
+                 "reason": s["reason"], "pending": True}
+                for s in skipped_rows
+            ] + [
+                {"item_id": None, "folder_id": v["folder_id"], "subject": v.get("subject"),
+                 "folder_path": list(folders[v["folder_id"]].path) if v["folder_id"] in folders else [],
+                 "reason": v["reason"], "pending": False}
+                for v in self._invalid
             ]
+            counts["items_skipped"] += len(self._invalid)
             r = self.result
             for k, v in counts.items():
                 setattr(r, k, v)
             r.skipped = skipped
             stats = {**counts, "bytes_fetched": self.bytes_fetched, "bytes_stored_new": self.bytes_stored_new,
-                     "requests": mb.stats.requests, "throttled": mb.stats.throttled}
+                     "requests": mb.stats.requests, "throttled": mb.stats.throttled,
+                     "items_repaired": r.items_repaired, "chunks_verified": r.chunks_verified,
+                     "verify": self._verify_slice}
             info = await self._io(lambda: writer.commit(
-                delta_links=new_links, stats=stats, skipped=skipped, started_at=started_at))
+                delta_links=new_links, stats=stats, skipped=skipped, pending=pending, base=base_entry,
+                started_at=started_at, before_commit=self._lease.renew if self._lease is not None else None))
         except BaseException:
             await self._io(writer.abort)
             raise
@@ -267,88 +492,189 @@ class MailboxBackup:
                 return n
             n += sink(batch.to_pylist() if hasattr(batch, "to_pylist") else batch)
 
-    async def _scan_folder(self, mb: Any, state: BackupState, folder_id: str, link: str | None) -> str:
-        """Run one folder's delta to its end; returns the new delta link."""
-        from mailpipe.graph.errors import ResyncRequired
+    async def _scan_folder(self, mb: Any, state: BackupState, folder_id: str, link: str | None,
+                           item_count: int | None) -> str | None:
+        """Run one folder's delta to its end; returns the new delta link (relative to graph_url), or None
+        when Graph confirms that the folder no longer exists."""
+        from mailpipe.graph.errors import NotFoundError, ProtocolError, ResyncRequired
 
-        for attempt in range(3):
+        for _ in range(3):
             listing = None
             if link is None:  # a from-scratch listing: what it does not report is gone
                 self._listings += 1
                 listing = self._listings
             try:
-                async for page in mb.message_delta(folder_id, link, page_size=DELTA_PAGE_SIZE):
+                async for page in mb.message_delta(folder_id, link, page_size=DELTA_PAGE_SIZE,
+                                                   expected_items=item_count):
                     for item_id in page.removed:
                         state.remove(folder_id, item_id)
                     for m in page.upserts:
                         if state.upsert(folder_id, _message_meta(m), listing):
                             await self._put_queue(m.id)
+                    for bad in page.invalid:
+                        self._invalid.append({"folder_id": folder_id, **bad})
                     if page.delta_link:
                         if listing is not None:
                             state.finish_full_listing(folder_id, listing)
                         return page.delta_link
                     self._report()
-                raise RuntimeError(f"delta of folder {folder_id} ended without a deltaLink")
-            except ResyncRequired:
-                # the saved link expired: list the folder from scratch. Items already stored are reused
-                # (same immutable ids), items not listed again are removed at the end: no ghosts, no dupes.
-                log.info("%s: folder %s needs a resync (delta token expired)", self.upn, folder_id)
+                raise ProtocolError(f"mailbox {self.upn} folder {folder_id}: the delta ended without a deltaLink")
+            except ResyncRequired as e:
+                # Graph no longer accepts the saved link: list the folder from scratch. Items already stored are
+                # reused (same immutable ids), items not listed again are removed at the end: no ghosts, no dupes.
+                log.info("%s: folder %s is listed again from scratch: %s", self.upn, folder_id, e)
                 link = None
-        raise RuntimeError(f"folder {folder_id}: delta resync did not settle after 3 attempts")
+            except NotFoundError:
+                if link is None and await self._folder_gone(mb, folder_id):
+                    log.info("%s: folder %s was deleted during the backup", self.upn, folder_id)
+                    return None
+                raise
+        raise ProtocolError(f"mailbox {self.upn} folder {folder_id}: the delta did not settle after 3 listings "
+                            "from scratch")
+
+    async def _folder_gone(self, mb: Any, folder_id: str) -> bool:
+        from mailpipe.graph.errors import NotFoundError
+
+        try:
+            await mb.get_folder(folder_id)
+        except NotFoundError:
+            return True
+        return False
 
     async def _put_queue(self, item_id: str) -> None:
         if self._fatal is not None:
             raise self._fatal
         await self._queue.put(item_id)
 
-    async def _fetch_worker(self, mb: Any, state: BackupState) -> None:
-        from mailpipe.graph.errors import ForbiddenError, NotFoundError, PermanentError
+    # -- downloads -----------------------------------------------------------------------------------------
+    async def _wind_down(self, workers: list[asyncio.Task[None]]) -> None:
+        """Stop downloading: drop what is queued, let the downloads in flight finish storing (their items
+        then reach the checkpoint, so the next attempt does not fetch them again) for at most
+        :data:`WIND_DOWN_SECONDS`, then cancel whatever is left."""
+        while not self._queue.empty():
+            self._queue.get_nowait()
+            self._queue.task_done()
+        for _ in workers:
+            self._queue.put_nowait(None)
+        tasks = [*workers, *self._side]
+        _, late = await asyncio.wait(tasks, timeout=WIND_DOWN_SECONDS) if tasks else (set(), set())
+        for t in late:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _fetch_worker(self, mb: Any, state: BackupState) -> None:
         while True:
             item_id = await self._queue.get()
             if item_id is None:
+                self._queue.task_done()
                 return
-            if self._fatal is not None:
-                continue  # drain
             try:
-                data = await mb.get_mime(item_id)
-            except NotFoundError:
-                state.gone(item_id)  # deleted while we were working: not an error
-                continue
-            except (PermanentError, ForbiddenError) as e:
-                state.skip(item_id, f"{e.kind}: {e}")
-                continue
-            except Exception as e:  # throttling/5xx beyond the retry budget, or a bug: the mailbox fails
-                self._fatal = e
-                continue
-            self.bytes_fetched += len(data)
-            try:
-                stored = await self._io(lambda data=data: self.repo.put_content(data))
-            except Exception as e:
-                self._fatal = e
-                continue
-            del data
-            self.bytes_stored_new += stored.new_stored_bytes
-            row = state.stored(item_id, Content(stored.sha256, list(stored.chunks), stored.size))
-            if row is not None:
-                self._ckpt_rows.append(row)
-            await self._flush_checkpoint()
-            self._report()
+                if self._fatal is None and state.wanted(item_id):
+                    await self._fetch_one(mb, state, item_id)
+            except Exception as e:  # a bug: the mailbox fails, the other workers drain the queue
+                self._fatal = self._fatal or e
+            finally:
+                self._queue.task_done()
+
+    async def _fetch_one(self, mb: Any, state: BackupState, item_id: str) -> None:
+        from mailpipe.graph.errors import BadContentError, ForbiddenError, NotFoundError, PermanentError
+
+        self._tries[item_id] = self._tries.get(item_id, 0) + 1
+        try:
+            data = await mb.get_mime(item_id)
+        except NotFoundError as e:
+            self._spawn(self._confirm_miss(mb, state, item_id, e))
+            return
+        except BadContentError as e:
+            self._defer(item_id, f"{e.kind}: {e}")
+            return
+        except (PermanentError, ForbiddenError) as e:
+            state.skip(item_id, f"{e.kind}: {e}")
+            return
+        except Exception as e:  # throttling/5xx beyond the retry budget, a hostile server, or a bug
+            self._fatal = self._fatal or e
+            return
+        self.bytes_fetched += len(data)
+        stored = await self._io(lambda: self.repo.put_content(data))
+        del data
+        self._deferred.pop(item_id, None)
+        self.bytes_stored_new += stored.new_stored_bytes
+        row = state.stored(item_id, Content(stored.sha256, list(stored.chunks), stored.size))
+        if row is not None:
+            self._ckpt_rows.append(row)
+        await self._flush_checkpoint()
+        self._report()
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        t = asyncio.ensure_future(coro)
+        self._side.add(t)
+        t.add_done_callback(self._side.discard)
+
+    def _defer(self, item_id: str, reason: str) -> None:
+        self._deferred[item_id] = reason
+
+    async def _confirm_miss(self, mb: Any, state: BackupState, item_id: str, err: Any) -> None:
+        """``$value`` answered 404. Exchange does that for items that exist (replication lag, an item being
+        moved), so an item leaves the snapshot only when a metadata GET by its immutable id also answers
+        404, twice, after a short delay each. Otherwise it is tried again later in this backup."""
+        from mailpipe.graph.errors import GraphError, NotFoundError
+
+        try:
+            for _ in range(2):
+                await asyncio.sleep(self.s.item_retry_delay)
+                try:
+                    await mb.get_message(item_id)
+                except NotFoundError:
+                    continue
+                except GraphError as e:
+                    self._defer(item_id, f"not-found: $value answered 404, and checking the item failed: {e}")
+                    return
+                self._defer(item_id, f"not-found: $value answered 404 ({err.code or 'no code'}) although the "
+                                     "item exists")
+                return
+            state.gone(item_id)  # Graph says, twice, that the item no longer exists
+            self._deferred.pop(item_id, None)
+        except Exception as e:
+            self._fatal = self._fatal or e
+
+    async def _drain(self, state: BackupState) -> None:
+        """Wait for every queued download and 404 confirmation; then try the deferred items again, up to
+        :data:`ITEM_RETRY_PASSES` times with growing pauses; what still fails is skipped + pending."""
+        await self._settle()
+        for n in range(ITEM_RETRY_PASSES):
+            if not self._deferred or self._fatal is not None:
+                break
+            await asyncio.sleep(self.s.item_retry_delay * 2 ** n)
+            again = list(self._deferred)
+            log.info("%s: trying %d item(s) again that Graph could not serve", self.upn, len(again))
+            for item_id in again:
+                await self._put_queue(item_id)
+            await self._settle()
+        for item_id, reason in self._deferred.items():
+            state.skip(item_id, f"{reason} (tried {self._tries.get(item_id, 1)} times in this backup; the next "
+                                "backup tries again)")
+
+    async def _settle(self) -> None:
+        while True:
+            await self._queue.join()
+            if not self._side:
+                return
+            await asyncio.gather(*list(self._side), return_exceptions=True)
 
     async def _flush_checkpoint(self, force: bool = False) -> None:
         now = time.monotonic()
         if not self._ckpt_rows:
             return
-        if not force and len(self._ckpt_rows) < CHECKPOINT_ITEMS and now - self._ckpt_at < CHECKPOINT_SECONDS:
+        if not force and len(self._ckpt_rows) < self.s.checkpoint_items and now - self._ckpt_at < self.s.checkpoint_seconds:
             return
         rows, self._ckpt_rows = self._ckpt_rows, []
         self._ckpt_at = now
         user_id = self.result.user_id
-        await self._io(lambda: self.repo.write_checkpoint(user_id, rows))
+        await self._io(lambda: self.repo.write_checkpoint(user_id, rows, tmp_dir=self.work))
         self._ckpt_parts += 1
         if self._ckpt_parts % CHECKPOINT_COMPACT_PARTS == 0:
             async with self._compacting:
-                await self._io(lambda: self.repo.compact_checkpoints(user_id))
+                await self._io(lambda: self.repo.compact_checkpoints(user_id, tmp_dir=self.work))
 
     def _report(self, force: bool = False) -> None:
         if self.progress is None:
@@ -358,7 +684,19 @@ class MailboxBackup:
             return
         self._progress_at = now
         self.progress(self.upn, {"bytes_fetched": self.bytes_fetched, "bytes_stored_new": self.bytes_stored_new,
-                                 "queued": self._queue.qsize()})
+                                 "queued": self._queue.qsize(), "deferred": len(self._deferred)})
+
+
+def _latest_readable(repo: Any, user_id: str) -> Any:
+    """The newest snapshot record that can be read, or None."""
+    from mailpipe.repo.repository import RepositoryError
+
+    for sid in reversed(repo.snapshot_ids(user_id)):
+        try:
+            return repo.read_snapshot(user_id, sid)
+        except RepositoryError:
+            continue
+    return None
 
 
 async def _gather_or_cancel(coros: list[Awaitable[Any]]) -> None:

@@ -99,11 +99,13 @@ class BackupState:
         return len(data)
 
     def load_checkpoint(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Rows an interrupted backup stored (their content is in the repository already)."""
+        """Rows an interrupted backup stored (their content is in the repository already), or what could
+        be salvaged of a damaged snapshot's manifest: content known by item id, reused by the same rule."""
         data = [
             (r["item_id"], r.get("change_key"), int(bool(r.get("is_draft"))), r["sha256"],
              json.dumps(list(r["chunks"])), int(r["size"]))
-            for r in rows
+            for r in rows if r.get("item_id") and r.get("sha256") and r.get("chunks") is not None
+            and r.get("size") is not None
         ]
         self.db.executemany("INSERT OR REPLACE INTO ckpt VALUES (?,?,?,?,?,?)", data)
         return len(data)
@@ -198,9 +200,43 @@ class BackupState:
         self.db.execute("UPDATE items SET state='removed', pending=0 WHERE item_id=?", (item_id,))
 
     def skip(self, item_id: str, reason: str) -> None:
+        """Graph could not serve the item in this backup: it stays out of the snapshot, listed as skipped
+        and as pending (the next backup fetches it whatever the delta says). An item that left meanwhile
+        (removed, or its content arrived after all) is not skipped."""
         self.db.execute(
-            "UPDATE items SET state='skipped', pending=0, skip_reason=? WHERE item_id=?", (reason, item_id)
+            "UPDATE items SET state='skipped', pending=0, skip_reason=? WHERE item_id=? "
+            "AND state IN ('prev','upsert') AND sha256 IS NULL", (reason, item_id)
         )
+
+    def wanted(self, item_id: str) -> bool:
+        """Is the item's content still needed (present, and not stored yet)?"""
+        row = self.db.execute("SELECT state, sha256 FROM items WHERE item_id=?", (item_id,)).fetchone()
+        return row is not None and row[0] in ("prev", "upsert") and row[1] is None
+
+    # -- self-heal: content whose chunks are damaged is downloaded again ------------------------------
+    def carried_chunks(self, live_folders: set[str]) -> Iterator[tuple[str, list[str]]]:
+        """(item id, chunk names) of every item whose stored content this backup carries forward."""
+        q = self.db.execute("SELECT item_id, folder_id, chunks FROM items WHERE state='prev' AND sha256 IS NOT NULL")
+        for item_id, folder_id, chunks in q:
+            if folder_id in live_folders:
+                yield item_id, json.loads(chunks)
+
+    def invalidate(self, item_ids: Iterable[str]) -> None:
+        """Forget the stored content of these items (its chunks are damaged): they are downloaded again."""
+        self.db.executemany(
+            "UPDATE items SET sha256=NULL, chunks=NULL, size=NULL, first_snapshot_id=NULL, pending=1 "
+            "WHERE item_id=?", [(i,) for i in item_ids])
+
+    def drop_checkpoint_rows_using(self, damaged: set[str]) -> int:
+        """Checkpoint rows whose content uses a damaged chunk cannot stand for their item."""
+        bad = [item_id for item_id, chunks in self.db.execute("SELECT item_id, chunks FROM ckpt")
+               if damaged.intersection(json.loads(chunks))]
+        self.db.executemany("DELETE FROM ckpt WHERE item_id=?", [(i,) for i in bad])
+        return len(bad)
+
+    def reset_previous(self) -> None:
+        """Drop what was loaded of a base snapshot that turned out to be unreadable."""
+        self.db.execute("DELETE FROM items")
 
     def item_folder(self, item_id: str) -> str | None:
         row = self.db.execute("SELECT folder_id FROM items WHERE item_id=?", (item_id,)).fetchone()

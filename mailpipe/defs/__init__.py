@@ -20,6 +20,7 @@ def build_definitions() -> dg.Definitions:
     from mailpipe.defs.resources import MailpipeResource
     from mailpipe.defs.schedules import backup_all_mailboxes
     from mailpipe.defs.sensors import discover_mailboxes, retry_failed_mailboxes
+    from mailpipe.defs.settings import SETTINGS
 
     load_tenants()  # a bad tenants file fails the code location now, with its clear message
     return dg.Definitions(
@@ -27,5 +28,5 @@ def build_definitions() -> dg.Definitions:
         jobs=[mailbox_backup_job],
         sensors=[discover_mailboxes, retry_failed_mailboxes],
         schedules=[backup_all_mailboxes],
-        resources={"mailpipe": MailpipeResource()},
+        resources={"mailpipe": MailpipeResource.from_settings(SETTINGS)},
     )

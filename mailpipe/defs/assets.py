@@ -35,6 +35,12 @@ def _metadata(r) -> dict[str, dg.MetadataValue]:
     for k, v in r.metrics().items():
         md[k] = dg.MetadataValue.float(float(v)) if isinstance(v, float) else dg.MetadataValue.int(int(v))
     md["already_committed"] = dg.MetadataValue.bool(r.already_committed)
+    if r.skipped:
+        # no subjects: Dagster's database is not the mail's trust domain
+        md["skipped"] = dg.MetadataValue.json([{k: s.get(k) for k in ("item_id", "folder_path", "reason", "pending")}
+                                               for s in r.skipped[:100]])
+    if r.warnings:
+        md["warnings"] = dg.MetadataValue.json(r.warnings)
     return md
 
 
@@ -75,7 +81,13 @@ def mailbox_backup(context: dg.AssetExecutionContext, mailpipe: MailpipeResource
                 failures[f"{tenant_name}:{u}"] = str(e)
             continue
         context.log.info(f"tenant {tenant_name}: backing up {len(upns)} mailbox(es)")
-        results = mailpipe.backup(tenant, upns, skip_if_committed_since=since, progress=progress)
+        try:
+            results = mailpipe.backup(tenant, upns, skip_if_committed_since=since, progress=progress)
+        except UserError as e:  # the tenant's repository cannot be used (missing bucket, bad credentials...)
+            for u in upns:
+                failures[f"{tenant_name}:{u}"] = str(e)
+            context.log.error(str(e))
+            continue
         for r in results:
             key = f"{tenant_name}:{r.upn}"
             if r.ok:
@@ -84,8 +96,11 @@ def mailbox_backup(context: dg.AssetExecutionContext, mailpipe: MailpipeResource
                     asset_key=context.asset_key, partition=key, metadata=_metadata(r),
                     description="already committed by an earlier attempt" if r.already_committed else None))
                 context.log.info(f"{key}: snapshot {r.snapshot_id}, {r.items_total} items (+{r.items_new} "
-                                 f"~{r.items_changed} -{r.items_removed}), {r.bytes_fetched:,} B fetched, "
-                                 f"{r.bytes_stored_new:,} B stored, {r.requests} requests, {r.seconds:.1f}s")
+                                 f"~{r.items_changed} -{r.items_removed}, {r.items_skipped} skipped), "
+                                 f"{r.bytes_fetched:,} B fetched, {r.bytes_stored_new:,} B stored, "
+                                 f"{r.requests} requests, {r.seconds:.1f}s")
+                for w in r.warnings:
+                    context.log.warning(f"{key}: {w}")
             else:
                 failures[key] = r.error or "failed"
                 context.log.error(f"{key}: {r.error}")

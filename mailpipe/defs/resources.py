@@ -9,16 +9,51 @@ from typing import Any
 import dagster as dg
 
 from mailpipe.config import TenantConfig, find_tenant, load_tenants
+from mailpipe.settings import Settings
+
+# The engine's settings (mailpipe.settings) that are this resource's config: one field each, same name.
+ENGINE_SETTINGS = (
+    "graph_retry_attempts", "graph_retry_base_delay", "graph_retry_max_delay", "graph_response_timeout",
+    "graph_min_transfer_rate", "graph_slow_body_grace", "checkpoint_seconds", "checkpoint_items",
+    "mailbox_deadline", "item_retry_delay", "verify_min_chunks", "verify_cycle", "lease_seconds", "work_dir",
+    "max_parallel_mailboxes",
+)
+_D = Settings()
 
 
 class MailpipeResource(dg.ConfigurableResource):
     """Tenants from the tenants file (``$MAILPIPE_TENANTS`` when ``tenants_file`` is not set; the demo
     tenant without either). Graph clients and repositories are built per tenant by the engine; S3
     repositories get their boto3 client from dagster-aws' ``S3Resource`` (endpoint and region from the
-    tenant's ``s3`` settings, credentials from the standard AWS chain)."""
+    tenant's ``s3`` settings, credentials from the standard AWS chain).
+
+    The other fields are the engine's settings (docs/OPERATIONS.md: one ``MAILPIPE_*`` variable each, read
+    once when the definitions load, shown here in the UI, overridable in a run's config)."""
 
     tenants_file: str | None = None
-    max_parallel_mailboxes: int = 32
+    graph_retry_attempts: int = _D.graph_retry_attempts
+    graph_retry_base_delay: float = _D.graph_retry_base_delay
+    graph_retry_max_delay: float = _D.graph_retry_max_delay
+    graph_response_timeout: float = _D.graph_response_timeout
+    graph_min_transfer_rate: int = _D.graph_min_transfer_rate
+    graph_slow_body_grace: float = _D.graph_slow_body_grace
+    checkpoint_seconds: float = _D.checkpoint_seconds
+    checkpoint_items: int = _D.checkpoint_items
+    mailbox_deadline: float = _D.mailbox_deadline
+    item_retry_delay: float = _D.item_retry_delay
+    verify_min_chunks: int = _D.verify_min_chunks
+    verify_cycle: int = _D.verify_cycle
+    lease_seconds: float = _D.lease_seconds
+    work_dir: str = _D.work_dir
+    max_parallel_mailboxes: int = _D.max_parallel_mailboxes
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **kw: Any) -> MailpipeResource:
+        return cls(**{k: getattr(settings, k) for k in ENGINE_SETTINGS}, **kw)
+
+    def settings(self) -> Settings:
+        """The engine's settings, checked like environment values."""
+        return Settings().replace(**{k: getattr(self, k) for k in ENGINE_SETTINGS})
 
     def tenants(self) -> list[TenantConfig]:
         return load_tenants(self.tenants_file)
@@ -37,12 +72,14 @@ class MailpipeResource(dg.ConfigurableResource):
     def discover(self, tenant: TenantConfig):
         from mailpipe.backup import discover_mailboxes, run
 
-        return run(discover_mailboxes(tenant))
+        return run(discover_mailboxes(tenant, self.settings()))
 
     def backup(self, tenant: TenantConfig, upns: list[str], *, skip_if_committed_since: datetime | None,
                progress: Callable[[str, dict], None] | None = None):
+        """Back up ``upns``; another backup of one of them running (its lease) is waited for, and its
+        snapshot reported as this run's when it commits meanwhile (the partition ends MATERIALIZED)."""
         from mailpipe.backup import backup_mailboxes, run
 
-        return run(backup_mailboxes(tenant, upns, skip_if_committed_since=skip_if_committed_since,
-                                    progress=progress, max_parallel_mailboxes=self.max_parallel_mailboxes,
-                                    s3_client=self.s3_client(tenant)))
+        return run(backup_mailboxes(tenant, upns, settings=self.settings(),
+                                    skip_if_committed_since=skip_if_committed_since, progress=progress,
+                                    s3_client=self.s3_client(tenant), wait_for_lease=True))

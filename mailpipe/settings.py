@@ -1,0 +1,182 @@
+"""Every tunable of mailpipe, in one table, read once from the environment.
+
+Settings are not configuration of *what* is backed up (that is the tenants file, :mod:`mailpipe.config`)
+but of *how*: retry budgets, time bounds, checkpoint cadence, batch sizes. Each has exactly one
+environment variable and one meaning. They are read once — by the CLI when it starts, by the Dagster
+definitions when they load — and passed down as a :class:`Settings` value; the engine and the Graph
+layer never read the environment themselves. In Dagster the engine's settings are the ``mailpipe``
+resource's config, so the UI shows the values a run used.
+
+docs/OPERATIONS.md lists them (generated from :data:`TABLE`, checked by a test).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from mailpipe.errors import UserError
+
+
+@dataclass(frozen=True)
+class Setting:
+    field: str          # a field of :class:`Settings` (which holds its type and default)
+    env: str
+    minimum: float | None
+    meaning: str
+
+    @property
+    def default(self) -> Any:
+        return Settings.__dataclass_fields__[self.field].default
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+
+# (field, environment variable, minimum, meaning): the one list of settings; types and defaults are
+# those of the :class:`Settings` fields below.
+TABLE: tuple[Setting, ...] = tuple(Setting(*row) for row in (
+    # -- Graph requests (per request; docs/GRAPH.md)
+    ("graph_retry_attempts", "MAILPIPE_GRAPH_RETRY_ATTEMPTS", 1,
+     "attempts per Graph request on 5xx, timeouts and connection errors"),
+    ("graph_retry_base_delay", "MAILPIPE_GRAPH_RETRY_BASE_DELAY", 0,
+     "first backoff between attempts, seconds (doubles, full jitter)"),
+    ("graph_retry_max_delay", "MAILPIPE_GRAPH_RETRY_MAX_DELAY", 0,
+     "longest backoff between attempts, seconds"),
+    ("graph_response_timeout", "MAILPIPE_GRAPH_RESPONSE_TIMEOUT", 0.1,
+     "seconds from sending a request to its response headers (connection included)"),
+    ("graph_min_transfer_rate", "MAILPIPE_GRAPH_MIN_TRANSFER_RATE", 1,
+     "slowest acceptable body, bytes/s averaged from the headers on (after the grace period)"),
+    ("graph_slow_body_grace", "MAILPIPE_GRAPH_SLOW_BODY_GRACE", 0,
+     "seconds a body may take regardless of its rate"),
+    # -- one mailbox backup (docs/ENGINE.md)
+    ("checkpoint_seconds", "MAILPIPE_CHECKPOINT_SECONDS", 0,
+     "a checkpoint of stored items at least this often, seconds"),
+    ("checkpoint_items", "MAILPIPE_CHECKPOINT_ITEMS", 1,
+     "a checkpoint at least every this many stored items"),
+    ("mailbox_deadline", "MAILPIPE_MAILBOX_DEADLINE", 1,
+     "a mailbox backup that runs longer fails (its checkpoints are kept), seconds"),
+    ("item_retry_delay", "MAILPIPE_ITEM_RETRY_DELAY", 0,
+     "first wait before an item Graph could not serve is tried again in the same backup (doubles, 3 passes)"),
+    ("verify_min_chunks", "MAILPIPE_VERIFY_MIN_CHUNKS", 0,
+     "chunks of carried-forward items that each backup reads back and verifies, at least"),
+    ("verify_cycle", "MAILPIPE_VERIFY_CYCLE", 1,
+     "every carried-forward chunk is read back at least once every this many backups"),
+    ("lease_seconds", "MAILPIPE_LEASE_SECONDS", 5,
+     "a mailbox's backup lease expires this long after its holder's last renewal"),
+    ("work_dir", "MAILPIPE_WORK_DIR", None,
+     "working state of running backups (mode 0700); default $MAILPIPE_HOME/work or ./.mailpipe/work"),
+    ("max_parallel_mailboxes", "MAILPIPE_PARALLEL_MAILBOXES", 1,
+     "mailboxes backed up at the same time in one process"),
+    # -- Dagster (docs/OPERATIONS.md)
+    ("batch_size", "MAILPIPE_BATCH_SIZE", 1,
+     "mailboxes per run: backfills, the schedule, retries"),
+    ("backup_cron", "MAILPIPE_BACKUP_CRON", None, "the backup schedule, cron, UTC"),
+    ("discovery_interval", "MAILPIPE_DISCOVERY_INTERVAL", 1,
+     "seconds between mailbox discovery sensor ticks"),
+    ("mailbox_retry_interval", "MAILPIPE_MAILBOX_RETRY_INTERVAL", 1,
+     "seconds between ticks of the sensor that retries failed mailboxes"),
+    ("mailbox_retry_max_attempts", "MAILPIPE_MAILBOX_RETRY_MAX_ATTEMPTS", 0,
+     "retries per failed mailbox before that sensor gives up on it"),
+    ("mailbox_retry_backoff", "MAILPIPE_MAILBOX_RETRY_BACKOFF", 0,
+     "seconds before a failed mailbox's first retry; doubles with each attempt"),
+    ("mailbox_retry_per_tick", "MAILPIPE_MAILBOX_RETRY_PER_TICK", 1,
+     "failed mailboxes re-launched per sensor tick at most"),
+    ("run_retry_grace", "MAILPIPE_RUN_RETRY_GRACE", 0,
+     "seconds the sensor waits for Dagster's automatic run retry to appear before retrying itself"),
+))
+
+# Names that meant something else once: refused with the new names, never silently ignored.
+RENAMED = {
+    "MAILPIPE_RETRY_MAX_ATTEMPTS": "MAILPIPE_GRAPH_RETRY_ATTEMPTS (attempts per Graph request) or "
+                                   "MAILPIPE_MAILBOX_RETRY_MAX_ATTEMPTS (sensor retries per failed mailbox)",
+    "MAILPIPE_RETRY_BASE_DELAY": "MAILPIPE_GRAPH_RETRY_BASE_DELAY",
+    "MAILPIPE_RETRY_MAX_DELAY": "MAILPIPE_GRAPH_RETRY_MAX_DELAY",
+    "MAILPIPE_RETRY_INTERVAL": "MAILPIPE_MAILBOX_RETRY_INTERVAL",
+    "MAILPIPE_RETRY_BACKOFF": "MAILPIPE_MAILBOX_RETRY_BACKOFF",
+    "MAILPIPE_RETRY_PER_TICK": "MAILPIPE_MAILBOX_RETRY_PER_TICK",
+}
+
+
+@dataclass(frozen=True)
+class Settings:
+    graph_retry_attempts: int = 6
+    graph_retry_base_delay: float = 0.5
+    graph_retry_max_delay: float = 30.0
+    graph_response_timeout: float = 120.0
+    graph_min_transfer_rate: int = 4096
+    graph_slow_body_grace: float = 30.0
+    checkpoint_seconds: float = 2.0
+    checkpoint_items: int = 25
+    mailbox_deadline: float = 6 * 3600.0
+    item_retry_delay: float = 2.0
+    verify_min_chunks: int = 2000
+    verify_cycle: int = 30
+    lease_seconds: float = 300.0
+    work_dir: str = ""
+    max_parallel_mailboxes: int = 32
+    batch_size: int = 25
+    backup_cron: str = "0 2 * * *"
+    discovery_interval: int = 3600
+    mailbox_retry_interval: int = 60
+    mailbox_retry_max_attempts: int = 5
+    mailbox_retry_backoff: int = 120
+    mailbox_retry_per_tick: int = 100
+    run_retry_grace: int = 180
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """The settings from ``env`` (default: the process environment); a :class:`UserError` naming the
+        variable for a bad value or a retired name."""
+        env = os.environ if env is None else env
+        for old, new in RENAMED.items():
+            if env.get(old):
+                raise UserError(f"{old} is no longer read (it meant two things); use {new}")
+        return cls(**{s.field: parse(s, env.get(s.env)) for s in TABLE if env.get(s.env, "") != ""})
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` (field names), each checked like an environment value."""
+        by_field = {s.field: s for s in TABLE}
+        vals = {k: getattr(self, k) for k in (f.name for f in fields(self))}
+        for k, v in changes.items():
+            if k not in by_field:
+                raise UserError(f"unknown setting {k!r}")
+            vals[k] = parse(by_field[k], v)
+        return Settings(**vals)
+
+    def work_root(self) -> str:
+        """Where backups keep their working state (see ``work_dir``)."""
+        if self.work_dir:
+            return os.path.abspath(os.path.expanduser(self.work_dir))
+        from mailpipe.config import mailpipe_home
+
+        return str(mailpipe_home() / "work")
+
+
+def parse(s: Setting, raw: Any) -> Any:
+    """One setting's value from a string (or an already typed value), checked."""
+    if s.kind is str:
+        return "" if raw is None else str(raw)
+    try:
+        v = s.kind(raw) if not isinstance(raw, bool) else None
+    except (TypeError, ValueError):
+        v = None
+    if v is None or v != v:  # not a number (NaN included)
+        raise UserError(f"{s.env} must be a {'whole ' if s.kind is int else ''}number (got {raw!r})")
+    if s.minimum is not None and v < s.minimum:
+        raise UserError(f"{s.env} must be at least {s.minimum:g} (got {raw!r})")
+    return v
+
+
+def table_markdown() -> str:
+    """The settings as a Markdown table (docs/OPERATIONS.md holds a copy; a test keeps them equal)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for s in TABLE:
+        default = s.default if s.default != "" else "(see meaning)"
+        if s.kind is float and float(default).is_integer():
+            default = int(default)
+        lines.append(f"| `{s.env}` | {default} | {s.meaning} |")
+    return "\n".join(lines)
