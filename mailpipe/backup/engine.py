@@ -359,7 +359,8 @@ class MailboxBackup:
 
         items: dict[str, list[str]] = dict(state.carried_chunks(live))
         distinct = {h for chunks in items.values() for h in chunks}
-        budget = max(self.s.verify_min_chunks, math.ceil(len(distinct) / self.s.verify_cycle))
+        per_cycle = math.ceil(len(distinct) / self.s.verify_cycle) if self.s.verify_cycle else 0
+        budget = max(self.s.verify_min_chunks, per_cycle)
         slices = max(1, math.ceil(len(distinct) / budget)) if budget else 0
         if slices:
             prev = ((base.stats or {}).get("verify") or {}) if base is not None else {}
@@ -415,10 +416,16 @@ class MailboxBackup:
 
             async def scan(fid: str) -> None:
                 async with scan_sem:
+                    invalid_before = len(self._invalid)
                     link = await self._scan_folder(mb, state, fid, prev_links.get(fid),
                                                    folders[fid].total_item_count)
                     if link is None:
                         gone_folders.add(fid)
+                    elif len(self._invalid) > invalid_before:
+                        # Graph sent entries we could not use (no id): the folder's link does not advance,
+                        # so the next backup reads those changes again instead of never seeing them
+                        if fid in prev_links:
+                            new_links[fid] = prev_links[fid]
                     else:
                         new_links[fid] = link
 

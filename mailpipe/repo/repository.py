@@ -568,6 +568,7 @@ class Repository:
                 for k in keys:
                     self.store.delete(k)
                     removed += 1
+                self.store.remove_empty(d)
         removed += self.store.clean_leftovers(f"mailboxes/{mailbox_dir(user_id)}", older_than)
         return removed
 

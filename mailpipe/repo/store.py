@@ -64,6 +64,7 @@ class ObjectStore(Protocol):
     def delete_if_version(self, key: str, version: str) -> None: ...
     # leftovers of writers that died: temporary files, incomplete uploads
     def clean_leftovers(self, prefix: str, older_than: float) -> int: ...
+    def remove_empty(self, prefix: str) -> None: ...
 
 
 _OS_PROBLEMS = {  # errno → (what it means, what to do)
@@ -227,6 +228,13 @@ class LocalStore:
             except KeyNotFound:
                 return
             self.delete(key)
+
+    def remove_empty(self, prefix: str) -> None:
+        """Remove the folder of ``prefix`` if nothing is left in it (object stores have no folders)."""
+        try:
+            os.rmdir(self._path(prefix))
+        except OSError:
+            pass
 
     def clean_leftovers(self, prefix: str, older_than: float) -> int:
         """Remove temporary files older than ``older_than`` seconds: ``.tmp/`` (where every write
@@ -396,6 +404,9 @@ class S3Store:
             self._retry(f"DELETE {k}", lambda: self.client.delete_object(Bucket=self.bucket, Key=k, IfMatch=version))
         except KeyNotFound:
             pass
+
+    def remove_empty(self, prefix: str) -> None:
+        pass  # S3 has no folders
 
     def clean_leftovers(self, prefix: str, older_than: float) -> int:
         """Abort multipart uploads under ``prefix`` started more than ``older_than`` seconds ago: what a
