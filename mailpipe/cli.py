@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        from mailpipe.settings import Settings
+
+        args.settings = Settings.from_env()  # read once, for every command; a bad value is one clear line
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

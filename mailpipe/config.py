@@ -142,8 +142,16 @@ def load_tenants(path: str | os.PathLike[str] | None = None) -> list[TenantConfi
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        raise ConfigError(f"{p}: not valid YAML: {_yaml_problem(e)}") from None
     return parse_tenants(doc, source=str(p))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What is wrong and where (line, column) — never the offending text: the line may hold a pasted secret."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = getattr(e, "problem", None) or type(e).__name__
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{what}{where}"
 
 
 def find_tenant(name: str, path: str | os.PathLike[str] | None = None) -> TenantConfig:

@@ -64,8 +64,8 @@ TABLE: tuple[Setting, ...] = tuple(Setting(*row) for row in (
     ("verify_min_chunks", "MAILPIPE_VERIFY_MIN_CHUNKS", 0,
      "chunks of carried-forward items that each backup reads back and verifies, at least"),
     ("verify_cycle", "MAILPIPE_VERIFY_CYCLE", 0,
-     "every carried-forward chunk is read back at least once every this many backups (0 and a minimum of 0: "
-     "no read-back; damage found by `mailpipe check` is still repaired)"),
+     "every carried-forward chunk is read back at least once every this many backups; 0 here and 0 above: no "
+     "read-back (damage that `mailpipe check` finds is still repaired)"),
     ("lease_seconds", "MAILPIPE_LEASE_SECONDS", 1,
      "a mailbox's backup lease expires this long after its holder's last renewal"),
     ("work_dir", "MAILPIPE_WORK_DIR", None,

@@ -51,3 +51,32 @@ def commit_record(repo, user_id, snapshot_id="latest") -> dict[str, Any]:
     """The raw ``snapshot.json`` of a snapshot (what is on disk, not the parsed record)."""
     sid = repo.read_snapshot(user_id, snapshot_id).snapshot_id
     return json.loads(repo.store.get_bytes(f"{repo._snap_prefix(user_id)}/{sid}/snapshot.json"))
+
+
+class S3Errors:
+    """Make a real botocore client receive an S3 error (``code``, HTTP ``status``) for the next ``n``
+    requests of operation ``op``, at its HTTP layer (the 'before-send' event): the client parses a real
+    error document, as from S3. Used with botocore's own retries off, so what is left to retry is ours."""
+
+    def __init__(self, client, op: str, n: int, code: str = "SlowDown", status: int = 503,
+                 message: str = "Reduce your request rate.") -> None:
+        self.left = n
+        self.seen = 0
+        self.body = f"<Error><Code>{code}</Code><Message>{message}</Message></Error>".encode()
+        self.status = status
+        client.meta.events.register(f"before-send.s3.{op}", self)
+
+    def __call__(self, request, **kw):
+        from botocore.awsrequest import AWSResponse
+
+        self.seen += 1
+        if self.left <= 0:
+            return None
+        self.left -= 1
+        body = self.body
+
+        class Raw:
+            def stream(self, **k):
+                yield body
+
+        return AWSResponse(request.url, self.status, {}, Raw())

@@ -14,6 +14,7 @@ import pytest
 
 from mailpipe.config import AuthConfig, S3Config, TenantConfig
 from mailpipe.repo import IntegrityError, LocalStore, RepositoryError, S3Store, mailbox_dir, open_repository
+from mailpipe_tests.helpers import S3Errors
 from mailpipe.repo import chunking
 from mailpipe.repo.export import export_snapshot, safe_name
 from mailpipe.repo.store import make_s3_client
@@ -236,31 +237,6 @@ def test_repository_belongs_to_one_tenant(tmp_path):
         open_repository(tenant(str(tmp_path / "r"), name="alpha"))
 
 
-class _FlakyS3:
-    """Make the real botocore client answer 503 SlowDown to the first N requests of an operation,
-    at its HTTP layer (the 'before-send' event), with botocore's own retries turned off: what is left to
-    retry is ours."""
-
-    def __init__(self, client, op: str, n: int) -> None:
-        self.left = n
-        self.seen = 0
-        client.meta.events.register(f"before-send.s3.{op}", self)
-
-    def __call__(self, request, **kw):
-        from botocore.awsrequest import AWSResponse
-
-        self.seen += 1
-        if self.left <= 0:
-            return None
-        self.left -= 1
-
-        class Raw:
-            def stream(self, **k):
-                yield b"<Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>"
-
-        return AWSResponse(request.url, 503, {}, Raw())
-
-
 def test_s3_slowdown_is_retried(s3_bucket):
     import boto3
     from botocore.config import Config
@@ -268,11 +244,11 @@ def test_s3_slowdown_is_retried(s3_bucket):
     endpoint, bucket = s3_bucket
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
                           config=Config(retries={"mode": "standard", "max_attempts": 1}))
-    flaky = _FlakyS3(client, "PutObject", 2)
+    flaky = S3Errors(client, "PutObject", 2)
     store = S3Store(client, bucket, "p", base_delay=0.01)
     store.put_bytes("blobs/aa/x", b"data")
     assert flaky.seen == 3 and store.get_bytes("blobs/aa/x") == b"data"
-    _FlakyS3(client, "GetObject", 10)
+    S3Errors(client, "GetObject", 10)
     from mailpipe.repo import StoreError
 
     with pytest.raises(StoreError, match="SlowDown"):

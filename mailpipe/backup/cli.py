@@ -32,11 +32,10 @@ def _backup(args: argparse.Namespace) -> int:
     from mailpipe.config import find_tenant
     from mailpipe.errors import UserError
     from mailpipe.graph.errors import GraphError
-    from mailpipe.settings import Settings
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    settings = Settings.from_env()
+    settings = args.settings
     tenant = find_tenant(args.tenant)
     upns = [u.lower() for u in args.upns]
     if not upns:

@@ -50,8 +50,6 @@ def ensure_dagster_home() -> Path:
 def _discover(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from mailpipe.settings import Settings
-
     from mailpipe.defs.discovery import discover_all
     from mailpipe.defs.partitions import PARTITIONS_NAME
     from mailpipe.defs.resources import MailpipeResource
@@ -59,7 +57,7 @@ def _discover(args: argparse.Namespace) -> int:
     home = ensure_dagster_home()
     instance = dg.DagsterInstance.get()
     failed = False
-    for r in discover_all(MailpipeResource.from_settings(Settings.from_env()), instance, args.tenant):
+    for r in discover_all(MailpipeResource.from_settings(args.settings), instance, args.tenant):
         if r.new_keys:
             instance.add_dynamic_partitions(PARTITIONS_NAME, r.new_keys)
         print(r.summary())
@@ -112,7 +110,6 @@ def _demo(args: argparse.Namespace) -> int:
     from mailpipe.defs.discovery import discover_tenant
     from mailpipe.defs.partitions import PARTITIONS_NAME
     from mailpipe.defs.resources import MailpipeResource
-    from mailpipe.settings import Settings
     from mailpipe.sim import _Endpoint
     from mailpipe.sim.embedded import ensure_running
 
@@ -123,7 +120,7 @@ def _demo(args: argparse.Namespace) -> int:
     instance = dg.DagsterInstance.get()
     tenant = demo_tenant()
     print(f"mailpipe demo — tenant '{DEMO_TENANT}' (simulated Graph), repository {tenant.storage}")
-    rep = discover_tenant(MailpipeResource.from_settings(Settings.from_env()), instance, tenant)
+    rep = discover_tenant(MailpipeResource.from_settings(args.settings), instance, tenant)
     if rep.error:
         print(f"discovery failed: {rep.error}", file=sys.stderr)
         return 1

@@ -108,6 +108,10 @@ def _export(args: argparse.Namespace) -> int:
         bar.close()
         print(f"mailpipe: error: the repository is damaged: {e}", file=sys.stderr)
         return 3
+    except OSError as e:
+        from mailpipe.repo.store import explain_os_error
+
+        raise UserError(f"cannot export to {args.out}: {explain_os_error(e, '--out')}") from None
     finally:
         bar.close()
     print(f"exported {res.items} items ({res.bytes:,} bytes) of snapshot {snap.snapshot_id} to {res.out}",

@@ -67,22 +67,28 @@ class ObjectStore(Protocol):
     def remove_empty(self, prefix: str) -> None: ...
 
 
-_OS_PROBLEMS = {  # errno → (what it means, what to do)
-    errno.EACCES: ("permission denied", "fix the folder's permissions or `storage` in the tenants file"),
-    errno.EPERM: ("permission denied", "fix the folder's permissions or `storage` in the tenants file"),
-    errno.EROFS: ("read-only file system", "point `storage` in the tenants file at a writable folder"),
-    errno.ENOSPC: ("disk full", "free space on that file system or move `storage`"),
-    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
-    errno.ENOTDIR: ("a path component is a file, not a folder", "fix `storage` in the tenants file"),
-    errno.EEXIST: ("a file is in the way of a folder", "fix `storage` in the tenants file"),
-    errno.EISDIR: ("a folder is in the way of a file", "remove it, or fix `storage` in the tenants file"),
+_OS_PROBLEMS = {  # errno → (what it means, what to do; {fix} names the setting that chose the path)
+    errno.EACCES: ("permission denied", "fix the folder's permissions or {fix}"),
+    errno.EPERM: ("permission denied", "fix the folder's permissions or {fix}"),
+    errno.EROFS: ("read-only file system", "point {fix} at a writable folder"),
+    errno.ENOSPC: ("disk full", "free space on that file system or change {fix}"),
+    errno.EDQUOT: ("disk quota exceeded", "free space, raise the quota or change {fix}"),
+    errno.ENOTDIR: ("a path component is a file, not a folder", "fix {fix}"),
+    errno.EEXIST: ("a file is in the way of a folder", "fix {fix}"),
+    errno.EISDIR: ("a folder is in the way of a file", "remove it, or fix {fix}"),
 }
 
 
-def os_problem(e: OSError, where: str) -> StoreError:
-    """An OSError of a local store → one line: where, what, what to do (no traceback)."""
+def explain_os_error(e: OSError, fix: str) -> str:
+    """``what — what to do`` for an OSError on a path the user chose through ``fix`` (no traceback, no
+    path text beyond what the caller adds)."""
     what, todo = _OS_PROBLEMS.get(e.errno, (e.strerror or type(e).__name__, "check the folder and the disk"))
-    return StoreError(f"storage {where}: {what} — {todo}")
+    return f"{what} — {todo.format(fix=fix)}"
+
+
+def os_problem(e: OSError, where: str) -> StoreError:
+    """An OSError of a local store → one line: where, what, what to do."""
+    return StoreError(f"storage {where}: {explain_os_error(e, '`storage` in the tenants file')}")
 
 
 class LocalStore:
