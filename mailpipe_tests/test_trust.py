@@ -407,11 +407,12 @@ def test_saved_links_survive_a_new_graph_url_and_refused_links_resync(tmp_path, 
 def test_the_embedded_simulator_restarting_on_a_new_port_does_not_break_backups(tmp_path, monkeypatch):
     """`make demo` an hour apart: the demo tenant's simulator exits when idle and comes back elsewhere."""
     from mailpipe.config import demo_tenant
+    from mailpipe.sim.embedded import resolve
 
     monkeypatch.setenv("MAILPIPE_HOME", str(tmp_path / "home"))
     t = demo_tenant()
     upn = "adele.vance@demo.example.com"
-    [r1] = backup(t, [upn])
+    [r1] = backup(resolve(t), [upn])
     assert r1.ok, r1.error
     server = json.loads(Path(t.simulator["state_dir"], "server.json").read_text())
     os.kill(server["pid"], signal.SIGTERM)  # what its idle timeout does
@@ -419,7 +420,7 @@ def test_the_embedded_simulator_restarting_on_a_new_port_does_not_break_backups(
     while Path(t.simulator["state_dir"], "server.json").exists():
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    [r2] = backup(t, [upn])
+    [r2] = backup(resolve(t), [upn])  # what `mailpipe backup` and the Dagster resource do at each start
     assert r2.ok, r2.error
     new = json.loads(Path(t.simulator["state_dir"], "server.json").read_text())
     assert new["graph_url"] != server["graph_url"] and r2.items_new == 0 and r2.bytes_fetched == 0

@@ -35,8 +35,10 @@ def _backup(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    from mailpipe.sim.embedded import resolve
+
     settings = args.settings
-    tenant = find_tenant(args.tenant)
+    tenant = resolve(find_tenant(args.tenant))
     upns = [u.lower() for u in args.upns]
     if not upns:
         try:

@@ -71,15 +71,17 @@ class MailpipeResource(dg.ConfigurableResource):
 
     def discover(self, tenant: TenantConfig):
         from mailpipe.backup import discover_mailboxes, run
+        from mailpipe.sim.embedded import resolve
 
-        return run(discover_mailboxes(tenant, self.settings()))
+        return run(discover_mailboxes(resolve(tenant), self.settings()))
 
     def backup(self, tenant: TenantConfig, upns: list[str], *, skip_if_committed_since: datetime | None,
                progress: Callable[[str, dict], None] | None = None):
         """Back up ``upns``; another backup of one of them running (its lease) is waited for, and its
         snapshot reported as this run's when it commits meanwhile (the partition ends MATERIALIZED)."""
         from mailpipe.backup import backup_mailboxes, run
+        from mailpipe.sim.embedded import resolve
 
-        return run(backup_mailboxes(tenant, upns, settings=self.settings(),
+        return run(backup_mailboxes(resolve(tenant), upns, settings=self.settings(),
                                     skip_if_committed_since=skip_if_committed_since, progress=progress,
                                     s3_client=self.s3_client(tenant), wait_for_lease=True))

@@ -360,14 +360,10 @@ class GraphTenant:
             kw.setdefault("timeouts", RequestTimeouts(
                 response_timeout=settings.graph_response_timeout, min_transfer_rate=settings.graph_min_transfer_rate,
                 slow_body_grace=settings.graph_slow_body_grace))
-        graph_url, authority, ca = tenant.graph_url, tenant.authority, tenant.ca_bundle
         if tenant.uses_embedded_simulator:
-            from mailpipe.sim.embedded import ensure_running
-
-            opts = dict(tenant.simulator)
-            state_dir = opts.pop("state_dir")
-            ep = ensure_running(state_dir, opts, tenant=tenant.name)
-            graph_url, authority, ca = ep.graph_url, ep.authority or "", ep.ca_file
+            raise ValueError(f"tenant {tenant.name}: graph_url sim://embedded must be resolved to the simulator's "
+                             "address first (mailpipe.sim.embedded.resolve, done by the CLI and the Dagster layer)")
+        graph_url, authority, ca = tenant.graph_url, tenant.authority, tenant.ca_bundle
         return cls(tenant, graph_url, authority, ca, **kw)
 
     async def __aenter__(self) -> GraphTenant:

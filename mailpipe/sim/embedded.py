@@ -53,6 +53,19 @@ def ensure_running(state_dir: str, options: dict[str, Any] | None = None, *, ten
     return SimEndpoint(info["graph_url"], info["base_url"], info.get("authority"), info.get("ca_file"))
 
 
+def resolve(tenant: Any) -> Any:
+    """``tenant`` (a :class:`mailpipe.config.TenantConfig`) with the embedded simulator's real address in
+    place of ``sim://embedded`` — started if none is alive — or ``tenant`` itself. Called by the CLI and the
+    Dagster layer, the only ones that know a simulator exists: the engine and the Graph layer see a URL."""
+    if not getattr(tenant, "uses_embedded_simulator", False):
+        return tenant
+    from dataclasses import replace
+
+    opts = dict(tenant.simulator)
+    ep = ensure_running(opts.pop("state_dir"), opts, tenant=tenant.name)
+    return replace(tenant, graph_url=ep.graph_url, authority=ep.authority or "", ca_bundle=ep.ca_file)
+
+
 def _read(path: str) -> dict[str, Any] | None:
     try:
         with open(path) as f:
