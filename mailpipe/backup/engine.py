@@ -180,7 +180,7 @@ class MailboxBackup:
         self._ckpt_parts = 0
         self._compacting = asyncio.Lock()
         self._deferred: dict[str, str] = {}     # item id → why Graph could not serve it (tried again later)
-        self._tries: dict[str, int] = {}
+        self._tries: dict[str, int] = {}         # failed tries of deferred items
         self._side: set[asyncio.Task[Any]] = set()  # confirmations of 404s, running beside the workers
         self._invalid: list[dict[str, Any]] = []   # delta entries that cannot be items (no id)
         self._lease: Any = None
@@ -354,18 +354,19 @@ class MailboxBackup:
         """Items whose carried-forward content uses a damaged chunk; their content is forgotten, so they
         are downloaded again and the chunks rewritten. Reads back a rotating slice of the chunks this
         backup carries forward: all of them when there are at most ``verify_min_chunks``, else one
-        ``verify_cycle``-th (at least ``verify_min_chunks``), a different slice each backup."""
+        ``verify_cycle``-th (at least ``verify_min_chunks``), a different slice each backup — chosen by the
+        chunk's hash, so memory stays bounded by the slice, whatever the mailbox size."""
         from mailpipe.repo.repository import IntegrityError
 
-        items: dict[str, list[str]] = dict(state.carried_chunks(live))
-        distinct = {h for chunks in items.values() for h in chunks}
-        per_cycle = math.ceil(len(distinct) / self.s.verify_cycle) if self.s.verify_cycle else 0
+        carried = state.count_carried()  # ≈ distinct chunks: most items are one chunk of their own
+        per_cycle = math.ceil(carried / self.s.verify_cycle) if self.s.verify_cycle else 0
         budget = max(self.s.verify_min_chunks, per_cycle)
-        slices = max(1, math.ceil(len(distinct) / budget)) if budget else 0
-        if slices:
+        if budget and carried:
+            slices = max(1, math.ceil(carried / budget))
             prev = ((base.stats or {}).get("verify") or {}) if base is not None else {}
             k = (int(prev.get("slice", -1)) + 1) % slices if prev.get("of") == slices else 0
-            todo = sorted(h for h in distinct if int(h[:8], 16) % slices == k and h not in self.repo.damaged)
+            todo = sorted({h for _, chunks in state.carried_chunks(live) for h in chunks
+                           if int(h[:8], 16) % slices == k and h not in self.repo.damaged})
             self.result.chunks_verified = len(todo)
             self._verify_slice = {"slice": k, "of": slices, "chunks": len(todo)}
 
@@ -381,7 +382,7 @@ class MailboxBackup:
         if not damaged:
             return []
         dropped = state.drop_checkpoint_rows_using(damaged)
-        repair = [i for i, chunks in items.items() if damaged.intersection(chunks)]
+        repair = [i for i, chunks in state.carried_chunks(live) if damaged.intersection(chunks)]
         state.invalidate(repair)
         if repair or dropped:
             self._warn(f"{len(repair)} item(s) use damaged or missing chunks: downloading them again to repair "
@@ -586,7 +587,6 @@ class MailboxBackup:
     async def _fetch_one(self, mb: Any, state: BackupState, item_id: str) -> None:
         from mailpipe.graph.errors import BadContentError, ForbiddenError, NotFoundError, PermanentError
 
-        self._tries[item_id] = self._tries.get(item_id, 0) + 1
         try:
             data = await mb.get_mime(item_id)
         except NotFoundError as e:
@@ -619,6 +619,7 @@ class MailboxBackup:
 
     def _defer(self, item_id: str, reason: str) -> None:
         self._deferred[item_id] = reason
+        self._tries[item_id] = self._tries.get(item_id, 0) + 1  # failed tries, of deferred items only
 
     async def _confirm_miss(self, mb: Any, state: BackupState, item_id: str, err: Any) -> None:
         """``$value`` answered 404. Exchange does that for items that exist (replication lag, an item being

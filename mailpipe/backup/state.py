@@ -215,11 +215,16 @@ class BackupState:
 
     # -- self-heal: content whose chunks are damaged is downloaded again ------------------------------
     def carried_chunks(self, live_folders: set[str]) -> Iterator[tuple[str, list[str]]]:
-        """(item id, chunk names) of every item whose stored content this backup carries forward."""
-        q = self.db.execute("SELECT item_id, folder_id, chunks FROM items WHERE state='prev' AND sha256 IS NOT NULL")
+        """(item id, chunk names) of every item whose stored content this backup carries forward (streamed:
+        a separate cursor, so the table may be read elsewhere meanwhile)."""
+        q = self.db.cursor().execute(
+            "SELECT item_id, folder_id, chunks FROM items WHERE state='prev' AND sha256 IS NOT NULL")
         for item_id, folder_id, chunks in q:
             if folder_id in live_folders:
                 yield item_id, json.loads(chunks)
+
+    def count_carried(self) -> int:
+        return self.db.execute("SELECT count(*) FROM items WHERE state='prev' AND sha256 IS NOT NULL").fetchone()[0]
 
     def invalidate(self, item_ids: Iterable[str]) -> None:
         """Forget the stored content of these items (its chunks are damaged): they are downloaded again."""

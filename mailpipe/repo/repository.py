@@ -664,20 +664,24 @@ class Lease:
         self.seconds = seconds
         self.version = version
         self.renewed = time.monotonic()
+        self._lock = threading.Lock()  # renewals from two threads (the timer, the commit) go one at a time
 
     def renew(self) -> None:
-        try:
-            self.version = self.repo.store.put_if_version(self.key, _lease_body(self.me, self.seconds), self.version)
-        except (PreconditionFailed, KeyNotFound):
-            raise LeaseBusy("this backup's lease on the mailbox was lost (it expired and another backup took "
-                            "it over); stopped without committing", {}) from None
-        self.renewed = time.monotonic()
+        with self._lock:
+            try:
+                self.version = self.repo.store.put_if_version(self.key, _lease_body(self.me, self.seconds),
+                                                              self.version)
+            except (PreconditionFailed, KeyNotFound):
+                raise LeaseBusy("this backup's lease on the mailbox was lost (it expired and another backup took "
+                                "it over); stopped without committing", {}) from None
+            self.renewed = time.monotonic()
 
     def release(self) -> None:
-        try:
-            self.repo.store.delete_if_version(self.key, self.version)
-        except (PreconditionFailed, StoreError):
-            pass  # not ours any more, or the store is gone: it expires by itself
+        with self._lock:
+            try:
+                self.repo.store.delete_if_version(self.key, self.version)
+            except (PreconditionFailed, StoreError):
+                pass  # not ours any more, or the store is gone: it expires by itself
 
 
 def _file_digest(path: str) -> tuple[int, str]:
