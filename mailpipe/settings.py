@@ -156,6 +156,18 @@ class Settings:
 
         return str(mailpipe_home() / "work")
 
+    def tenant_work_dir(self, tenant: str) -> str:
+        """``<work root>/<tenant>``, created as directories only their owner can enter (0700): the place for
+        anything local that holds mail data (merge tables, Parquet files in transit)."""
+        return private_dir(os.path.join(private_dir(self.work_root()), tenant))
+
+
+def private_dir(path: str) -> str:
+    """``path`` as a directory only its owner can enter (0700), created if needed."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
 
 def parse(s: Setting, raw: Any) -> Any:
     """One setting's value from a string (or an already typed value), checked."""

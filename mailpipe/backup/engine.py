@@ -31,7 +31,6 @@ import logging
 import math
 import os
 import shutil
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +41,7 @@ from mailpipe.backup.api import Discovery, MailboxRef, MailboxResult, ProgressCa
 from mailpipe.backup.state import BackupState, Content
 from mailpipe.config import TenantConfig
 from mailpipe.errors import UserError
-from mailpipe.settings import Settings
+from mailpipe.settings import Settings, private_dir
 
 log = logging.getLogger("mailpipe.backup")
 
@@ -68,13 +67,6 @@ async def discover(tenant: TenantConfig, settings: Settings | None = None) -> Di
     )
     skipped = [SkippedUser(upn=s.upn.lower(), user_id=s.id, reason=s.reason) for s in listing.skipped]
     return Discovery(mailboxes=mailboxes, skipped=skipped)
-
-
-def private_dir(path: str) -> str:
-    """``path`` as a directory only its owner can enter (0700), created if needed."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
-    os.chmod(path, stat.S_IRWXU)
-    return path
 
 
 def sweep_work_dirs(tenant_work: str, older_than: float) -> int:
@@ -117,7 +109,7 @@ async def backup_many(
     from mailpipe.repo import open_repository
 
     settings = settings or Settings()
-    work = private_dir(os.path.join(private_dir(settings.work_root()), tenant.name))
+    work = settings.tenant_work_dir(tenant.name)
     loop = asyncio.get_running_loop()
     pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="mailpipe-store")
     try:

@@ -42,6 +42,7 @@ class CheckResult:
     problems: list[str] = field(default_factory=list)
     damaged_chunks: set[str] = field(default_factory=set)  # missing or corrupt, marked for repair
     affected: dict[str, int] = field(default_factory=dict)  # upn → items (latest snapshot) using damaged chunks
+    mark_error: str | None = None  # why the damaged chunks could not be marked for repair
 
     @property
     def ok(self) -> bool:
@@ -56,6 +57,10 @@ class CheckResult:
         """What happens next, when chunks are damaged (printed by the CLI)."""
         if not self.damaged_chunks:
             return None
+        if self.mark_error:
+            return (f"{len(self.damaged_chunks)} damaged or missing chunks could not be marked for repair "
+                    f"({self.mark_error}); run the check with write access, or back the affected mailboxes up: "
+                    "each backup reads back what it carries forward and repairs what it finds.")
         who = ", ".join(f"{u} ({n} items)" for u, n in sorted(self.affected.items())[:10]) or "none"
         return (f"{len(self.damaged_chunks)} damaged or missing chunks are marked for repair: the next backup of "
                 f"each affected mailbox downloads those items again from Graph, if they still exist, and rewrites "
@@ -100,11 +105,14 @@ def check_repository(repo: Repository, mailboxes: Iterable[tuple[str, str]], *, 
     res.chunks = len(chunks)
     res.damaged_chunks = {h for h, n in chunks.items() if n is None and (present is None or h not in present)}
     if mark_damaged:
-        for h in res.damaged_chunks:
-            repo.mark_damaged(h, "found by mailpipe check")
-        if read_data:  # verified good now: a stale marker (e.g. rewritten by hand) is cleared
-            for h in repo.load_damaged() & {h for h, n in chunks.items() if n is not None}:
-                repo.repaired(h)
+        try:
+            for h in res.damaged_chunks:
+                repo.mark_damaged(h, "found by mailpipe check")
+            if read_data:  # verified good now: a stale marker (e.g. rewritten by hand) is cleared
+                for h in repo.load_damaged() & {h for h, n in chunks.items() if n is not None}:
+                    repo.repaired(h)
+        except StoreError as e:  # read-only credentials, say: the report stands, the marks are missing
+            res.mark_error = str(e)
     return res
 
 

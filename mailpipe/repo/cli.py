@@ -41,11 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(func=_check)
 
 
-def _repo(tenant_name: str):
+def _repo(args: argparse.Namespace):
+    """The tenant's repository; files in transit (an S3 manifest being read) go to its private work dir."""
     from mailpipe.config import find_tenant
     from mailpipe.repo import open_repository
 
-    return open_repository(find_tenant(tenant_name), create=False)
+    return open_repository(find_tenant(args.tenant), create=False,
+                           tmp_dir=args.settings.tenant_work_dir(args.tenant))
 
 
 def _user(repo, upn: str) -> str:
@@ -56,7 +58,7 @@ def _user(repo, upn: str) -> str:
 
 
 def _snapshots(args: argparse.Namespace) -> int:
-    repo = _repo(args.tenant)
+    repo = _repo(args)
     mailboxes = [(_user(repo, args.upn), args.upn)] if args.upn else repo.list_mailboxes()
     if not mailboxes:
         print(f"no snapshots in {repo.store.describe()}")
@@ -74,7 +76,7 @@ def _check(args: argparse.Namespace) -> int:
 
     from mailpipe.repo.check import check_repository
 
-    repo = _repo(args.tenant)
+    repo = _repo(args)
     mailboxes = [(_user(repo, args.upn), args.upn)] if args.upn else repo.list_mailboxes()
     with tqdm(total=len(mailboxes), unit="mailbox", desc="check", file=sys.stderr,
               disable=not sys.stderr.isatty()) as bar:
@@ -98,7 +100,7 @@ def _export(args: argparse.Namespace) -> int:
     from mailpipe.repo import IntegrityError
     from mailpipe.repo.export import export_snapshot, tqdm_progress
 
-    repo = _repo(args.tenant)
+    repo = _repo(args)
     uid = _user(repo, args.upn)
     snap = repo.read_snapshot(uid, args.snapshot)
     bar, update = tqdm_progress(snap.items, f"export {snap.upn}")
