@@ -443,3 +443,55 @@ def test_failed_dagster_job_execute_run_is_retried_by_the_sensor_under_a_real_da
     both = Counter(sim.stats()["mime_downloads"][upn])
     assert set(both) == set(sim.model.mailbox(upn).msgs)
     assert max(both.values()) == 1, "an item stored by the failed attempt was downloaded again"
+
+
+def test_run_monitoring_fails_a_hung_run_and_the_sensor_retries_its_mailbox(env):
+    """A run stuck on a Graph body that never ends (the engine's own time bounds set out of reach) is
+    failed by the daemon's run monitoring after max_runtime_seconds; its mailbox ends FAILED, and once
+    the fault is gone the retry sensor backs it up, reusing what the stuck run stored."""
+    import yaml
+
+    from mailpipe.settings import Settings
+
+    sim, inst = env["sim"], env["instance"]
+    project = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    mon = project["run_monitoring"]
+    assert mon["enabled"] and mon["max_runtime_seconds"] > Settings().mailbox_deadline
+    # this instance: the project's dagster.yaml with a 15 s maximum run time, checked every second
+    (env["home"] / "dagster.yaml").write_text(yaml.safe_dump(
+        {**project, "run_monitoring": {**mon, "max_runtime_seconds": 15, "poll_interval_seconds": 1}}))
+    keys = register_all(env)
+    victim = keys[1]
+    upn = victim.split(":", 1)[1]
+    slow = middle_item(sim, upn)
+    sim.set_faults(FaultConfig(trickle_values=[slow]))  # its body drips 1 byte every 5 s
+    out_of_reach = {"MAILPIPE_GRAPH_SLOW_BODY_GRACE": "3600", "MAILPIPE_MAILBOX_DEADLINE": "3600"}
+    with dagster_daemon(env, {**FAST_SENSOR, **out_of_reach}):
+        # through the instance's run queue and launcher, as schedules, sensors and backfills launch runs;
+        # no automatic run retry for this one, so the retry sensor is what must take over
+        cmd = [str(BIN / "dagster"), "job", "launch", "-w", str(ROOT / "workspace.yaml"), "-j", "mailbox_backup_job",
+               "--tags", json.dumps({"dagster/partition": victim, "tenant": "t1", "dagster/max_retries": "0"})]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ}, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        [hung] = wait_until("the run starts", lambda: runs_for(env, victim), 60, env)
+        hung_id = hung.dagster_run.run_id
+        hung = wait_until("run monitoring fails the hung run", lambda: [
+            r for r in [inst.get_run_record_by_id(hung_id)] if r.dagster_run.status == dg.DagsterRunStatus.FAILURE],
+            90, env)[0]
+        assert statuses(env, [victim])[victim] == "FAILED"
+        assert hung.end_time - hung.start_time >= 15
+        assert any("maximum runtime" in (ev.message or "") for ev in inst.all_logs(hung_id))
+        first = Counter(sim.stats()["mime_downloads"].get(upn, {}))
+        assert slow in first and len(first) > 1, "the stuck run stored part of the mailbox"
+        sim.set_faults(FaultConfig())
+        wait_until("the sensor's retry materializes the mailbox",
+                   lambda: statuses(env, [victim])[victim] == "MATERIALIZED", 120, env)
+    runs = runs_for(env, victim)
+    assert runs[0].dagster_run.run_id == hung_id
+    [retry] = runs[1:]
+    assert retry.dagster_run.tags.get("dagster/sensor_name") == "retry_failed_mailboxes"
+    assert retry.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    both = Counter(sim.stats()["mime_downloads"][upn])
+    assert set(both) == set(sim.model.mailbox(upn).msgs)
+    assert both[slow] == 2  # the stuck run never got its whole body
+    assert max(n for item, n in both.items() if item != slow) == 1, "an item stored by the stuck run was downloaded again"
