@@ -77,6 +77,49 @@ def test_definitions_load_fast_and_bad_tenants_file_is_clear(tmp_path):
     assert out.returncode != 0 and "tenant 'acme': field 'tenant_id'" in out.stderr
 
 
+def test_instance_config_ships_in_the_wheel_and_is_what_ensure_dagster_home_writes(tmp_path):
+    """mailpipe/defs/dagster.yaml is the one instance config: the repository's dagster.yaml is that file,
+    it is in the wheel, and an installed mailpipe writes exactly it into .mailpipe/dagster_home."""
+    import zipfile
+
+    packaged = ROOT / "mailpipe" / "defs" / "dagster.yaml"
+    assert (ROOT / "dagster.yaml").read_bytes() == packaged.read_bytes()
+    assert (ROOT / "dagster.yaml").resolve() == packaged.resolve()  # a link, not a copy that can drift
+
+    # A wheel, built as `pip install .` builds one (in an isolated environment: the venv's setuptools may
+    # be older than the pyproject's requirement; this needs the index `make setup` used), from a copy of
+    # the working tree so that no build/ or *.egg-info is left in it or read from it.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", ".mailpipe", "__pycache__", ".pytest_cache", "out"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
+                          str(src)], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and "No matching distribution found for setuptools" in out.stdout + out.stderr:
+        pytest.skip("no package index offers the build backend (setuptools>=77) here")
+    assert out.returncode == 0, out.stderr[-3000:]
+    [wheel] = (tmp_path / "dist").glob("mailpipe-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("mailpipe/defs/dagster.yaml") == packaged.read_bytes()
+        z.extractall(tmp_path / "installed")  # what installing a pure-Python wheel amounts to
+
+    # the installed package (not the checkout) writes the packaged yaml, and leaves an existing one alone
+    code = ("import os, mailpipe.defs.cli as c; assert c.__file__.startswith(os.environ['TARGET']), c.__file__; "
+            "print(c.ensure_dagster_home())")
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    env.update(PYTHONPATH=str(tmp_path / "installed"), TARGET=str(tmp_path / "installed"),
+               MAILPIPE_HOME=str(tmp_path / "mp"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    written = Path(out.stdout.strip()) / "dagster.yaml"
+    assert written == tmp_path / "mp" / "dagster_home" / "dagster.yaml"
+    assert written.read_bytes() == packaged.read_bytes()
+    written.write_text("# mine\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and written.read_text() == "# mine\n", out.stderr[-2000:]
+
+
 def test_discovery_sensor_adds_sorted_keys_and_reports_vanished(env):
     from mailpipe.defs.discovery import discover_all
     from mailpipe.defs.resources import MailpipeResource
