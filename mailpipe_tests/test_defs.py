@@ -367,6 +367,14 @@ def runs_for(e, key: str) -> list[dg.RunRecord]:
                   key=lambda r: r.create_timestamp)
 
 
+def describe(runs: list[dg.RunRecord]) -> str:
+    """One line per run, for assertion messages."""
+    keep = ("dagster/parent_run_id", "dagster/sensor_name", "dagster/backfill", "dagster/will_retry",
+            "dagster/partition", "dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
+    return "\n".join(f"{r.dagster_run.run_id[:8]} {r.dagster_run.status.value} "
+                     f"{ {k: v for k, v in r.dagster_run.tags.items() if k in keep} }" for r in runs)
+
+
 def middle_item(sim, upn: str) -> str:
     msgs = sim.model.mailbox(upn).msgs
     return sorted(msgs)[len(msgs) // 2]
@@ -424,25 +432,28 @@ def test_webserver_and_daemon_run_a_ui_backfill_in_batches_and_dagsters_run_retr
             sim.set_faults(FaultConfig())  # healed before Dagster's retry starts (its daemon has not ticked)
             first = Counter(sim.stats()["mime_downloads"].get(upn, {}))
             assert first and bad not in first, "the failed attempt stored part of the mailbox"
-            assert statuses(env, [victim])[victim] == "FAILED"
+            assert statuses(env, [victim])[victim] == "FAILED", describe(runs_for(env, victim))
             assert failed.dagster_run.remote_job_origin is not None  # a run Dagster can retry
 
             wait_until("every mailbox MATERIALIZED", lambda: set(statuses(env, keys).values()) == {"MATERIALIZED"},
                        120, env)
         dup = inst.get_run_records(dg.RunsFilter(tags={"dagster/sensor_name": "retry_failed_mailboxes"}))
-        assert not dup, "the retry sensor launched a run while Dagster's run retry was pending"
+        assert not dup, f"the retry sensor launched a run while Dagster's run retry was pending:\n{describe(dup)}"
         runs = runs_for(env, victim)
         originals = [r for r in inst.get_run_records(dg.RunsFilter(tags={"tenant": "t1"}))
                      if "dagster/parent_run_id" not in r.dagster_run.tags]
-        assert len(originals) == 2  # batched: 4 mailboxes in runs of 2
-        [retry] = runs[1:]  # the failed run, then exactly one more: Dagster's retry of it
-        assert runs[0].dagster_run.run_id == failed.dagster_run.run_id
+        assert len(originals) == 2, describe(originals)  # batched: 4 mailboxes in runs of 2
+        # the failed run, then exactly one more: Dagster's retry of it
+        assert [r.dagster_run.run_id for r in runs] == [failed.dagster_run.run_id, runs[-1].dagster_run.run_id], \
+            describe(runs)
+        retry = runs[1]
         assert retry.dagster_run.tags.get("dagster/parent_run_id") == failed.dagster_run.run_id
         assert "dagster/sensor_name" not in retry.dagster_run.tags
         assert retry.dagster_run.status == dg.DagsterRunStatus.SUCCESS
         both = Counter(sim.stats()["mime_downloads"][upn])
         assert set(both) == set(sim.model.mailbox(upn).msgs)
-        assert max(both.values()) == 1, "an item stored by the failed attempt was downloaded again"
+        again = {i: n for i, n in both.items() if n > 1}
+        assert not again, f"items stored by the failed attempt downloaded again: {again} (first: {dict(first)})"
     finally:
         web.terminate()
         try:
@@ -478,14 +489,17 @@ def test_failed_dagster_job_execute_run_is_retried_by_the_sensor_under_a_real_da
         wait_until("the sensor's retry materializes the mailbox",
                    lambda: statuses(env, [victim])[victim] == "MATERIALIZED", 150, env)
     runs = runs_for(env, victim)
-    assert [r.dagster_run.run_id for r in runs[:1]] == [failed.dagster_run.run_id]
-    [retry] = runs[1:]  # exactly one more run: the sensor's
+    # the failed run, then exactly one more: the sensor's
+    assert [r.dagster_run.run_id for r in runs] == [failed.dagster_run.run_id, runs[-1].dagster_run.run_id], \
+        describe(runs)
+    retry = runs[1]
     assert retry.dagster_run.status == dg.DagsterRunStatus.SUCCESS
     assert retry.dagster_run.tags.get("dagster/sensor_name") == "retry_failed_mailboxes"
     assert retry.dagster_run.tags.get("mailpipe/retry_attempt") == "1"
     both = Counter(sim.stats()["mime_downloads"][upn])
     assert set(both) == set(sim.model.mailbox(upn).msgs)
-    assert max(both.values()) == 1, "an item stored by the failed attempt was downloaded again"
+    again = {i: n for i, n in both.items() if n > 1}
+    assert not again, f"items stored by the failed attempt downloaded again: {again} (first: {dict(first)})"
 
 
 def test_run_monitoring_fails_a_hung_run_and_the_sensor_retries_its_mailbox(env):
@@ -530,11 +544,13 @@ def test_run_monitoring_fails_a_hung_run_and_the_sensor_retries_its_mailbox(env)
         wait_until("the sensor's retry materializes the mailbox",
                    lambda: statuses(env, [victim])[victim] == "MATERIALIZED", 120, env)
     runs = runs_for(env, victim)
-    assert runs[0].dagster_run.run_id == hung_id
-    [retry] = runs[1:]
+    # the stuck run, then exactly one more: the sensor's
+    assert [r.dagster_run.run_id for r in runs] == [hung_id, runs[-1].dagster_run.run_id], describe(runs)
+    retry = runs[1]
     assert retry.dagster_run.tags.get("dagster/sensor_name") == "retry_failed_mailboxes"
     assert retry.dagster_run.status == dg.DagsterRunStatus.SUCCESS
     both = Counter(sim.stats()["mime_downloads"][upn])
     assert set(both) == set(sim.model.mailbox(upn).msgs)
     assert both[slow] == 2  # the stuck run never got its whole body
-    assert max(n for item, n in both.items() if item != slow) == 1, "an item stored by the stuck run was downloaded again"
+    again = {i: n for i, n in both.items() if n > 1 and i != slow}
+    assert not again, f"items stored by the stuck run downloaded again: {again}"
