@@ -367,6 +367,13 @@ def runs_for(e, key: str) -> list[dg.RunRecord]:
                   key=lambda r: r.create_timestamp)
 
 
+def settled(e, keys: list[str]) -> bool:
+    """Every key MATERIALIZED and every run that covered one of them finished (a partition is MATERIALIZED
+    as soon as its event is stored, a moment before its run ends)."""
+    return (set(statuses(e, keys).values()) == {"MATERIALIZED"}
+            and all(r.dagster_run.is_finished for k in keys for r in runs_for(e, k)))
+
+
 def describe(runs: list[dg.RunRecord]) -> str:
     """One line per run, for assertion messages."""
     keep = ("dagster/parent_run_id", "dagster/sensor_name", "dagster/backfill", "dagster/will_retry",
@@ -435,8 +442,7 @@ def test_webserver_and_daemon_run_a_ui_backfill_in_batches_and_dagsters_run_retr
             assert statuses(env, [victim])[victim] == "FAILED", describe(runs_for(env, victim))
             assert failed.dagster_run.remote_job_origin is not None  # a run Dagster can retry
 
-            wait_until("every mailbox MATERIALIZED", lambda: set(statuses(env, keys).values()) == {"MATERIALIZED"},
-                       120, env)
+            wait_until("every mailbox MATERIALIZED, its runs ended", lambda: settled(env, keys), 120, env)
         dup = inst.get_run_records(dg.RunsFilter(tags={"dagster/sensor_name": "retry_failed_mailboxes"}))
         assert not dup, f"the retry sensor launched a run while Dagster's run retry was pending:\n{describe(dup)}"
         runs = runs_for(env, victim)
@@ -486,8 +492,7 @@ def test_failed_dagster_job_execute_run_is_retried_by_the_sensor_under_a_real_da
     sim.set_faults(FaultConfig())
 
     with dagster_daemon(env, {**FAST_SENSOR, "MAILPIPE_RUN_RETRY_GRACE": "5"}):
-        wait_until("the sensor's retry materializes the mailbox",
-                   lambda: statuses(env, [victim])[victim] == "MATERIALIZED", 150, env)
+        wait_until("the sensor's retry materializes the mailbox", lambda: settled(env, [victim]), 150, env)
     runs = runs_for(env, victim)
     # the failed run, then exactly one more: the sensor's
     assert [r.dagster_run.run_id for r in runs] == [failed.dagster_run.run_id, runs[-1].dagster_run.run_id], \
@@ -541,8 +546,7 @@ def test_run_monitoring_fails_a_hung_run_and_the_sensor_retries_its_mailbox(env)
         first = Counter(sim.stats()["mime_downloads"].get(upn, {}))
         assert slow in first and len(first) > 1, "the stuck run stored part of the mailbox"
         sim.set_faults(FaultConfig())
-        wait_until("the sensor's retry materializes the mailbox",
-                   lambda: statuses(env, [victim])[victim] == "MATERIALIZED", 120, env)
+        wait_until("the sensor's retry materializes the mailbox", lambda: settled(env, [victim]), 120, env)
     runs = runs_for(env, victim)
     # the stuck run, then exactly one more: the sensor's
     assert [r.dagster_run.run_id for r in runs] == [hung_id, runs[-1].dagster_run.run_id], describe(runs)
