@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -76,6 +77,49 @@ def test_definitions_load_fast_and_bad_tenants_file_is_clear(tmp_path):
     assert out.returncode != 0 and "tenant 'acme': field 'tenant_id'" in out.stderr
 
 
+def test_instance_config_ships_in_the_wheel_and_is_what_ensure_dagster_home_writes(tmp_path):
+    """mailpipe/defs/dagster.yaml is the one instance config: the repository's dagster.yaml is that file,
+    it is in the wheel, and an installed mailpipe writes exactly it into .mailpipe/dagster_home."""
+    import zipfile
+
+    packaged = ROOT / "mailpipe" / "defs" / "dagster.yaml"
+    assert (ROOT / "dagster.yaml").read_bytes() == packaged.read_bytes()
+    assert (ROOT / "dagster.yaml").resolve() == packaged.resolve()  # a link, not a copy that can drift
+
+    # A wheel, built as `pip install .` builds one (in an isolated environment: the venv's setuptools may
+    # be older than the pyproject's requirement; this needs the index `make setup` used), from a copy of
+    # the working tree so that no build/ or *.egg-info is left in it or read from it.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", ".mailpipe", "__pycache__", ".pytest_cache", "out"))
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"),
+                          str(src)], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and "No matching distribution found for setuptools" in out.stdout + out.stderr:
+        pytest.skip("no package index offers the build backend (setuptools>=77) here")
+    assert out.returncode == 0, out.stderr[-3000:]
+    [wheel] = (tmp_path / "dist").glob("mailpipe-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert z.read("mailpipe/defs/dagster.yaml") == packaged.read_bytes()
+        z.extractall(tmp_path / "installed")  # what installing a pure-Python wheel amounts to
+
+    # the installed package (not the checkout) writes the packaged yaml, and leaves an existing one alone
+    code = ("import os, mailpipe.defs.cli as c; assert c.__file__.startswith(os.environ['TARGET']), c.__file__; "
+            "print(c.ensure_dagster_home())")
+    env = {k: v for k, v in os.environ.items() if k != "DAGSTER_HOME"}
+    env.update(PYTHONPATH=str(tmp_path / "installed"), TARGET=str(tmp_path / "installed"),
+               MAILPIPE_HOME=str(tmp_path / "mp"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    written = Path(out.stdout.strip()) / "dagster.yaml"
+    assert written == tmp_path / "mp" / "dagster_home" / "dagster.yaml"
+    assert written.read_bytes() == packaged.read_bytes()
+    written.write_text("# mine\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env,
+                         cwd=tmp_path)
+    assert out.returncode == 0 and written.read_text() == "# mine\n", out.stderr[-2000:]
+
+
 def test_discovery_sensor_adds_sorted_keys_and_reports_vanished(env):
     from mailpipe.defs.discovery import discover_all
     from mailpipe.defs.resources import MailpipeResource
@@ -97,6 +141,19 @@ def test_discovery_sensor_adds_sorted_keys_and_reports_vanished(env):
     out = subprocess.run([sys.executable, "-m", "mailpipe", "discover", "t1"], capture_output=True, text=True,
                          timeout=120, env={**os.environ})
     assert out.returncode == 0 and "0 new, 4 known, 1 vanished" in out.stdout
+
+
+def run_as_if_launched(inst, status: dg.DagsterRunStatus, tags: dict[str, str]) -> dg.DagsterRun:
+    """A mailbox_backup_job run in ``status``, with the code-location origin a run launched through the
+    daemon has (queued runs need one). No public API makes such a run outside a workspace: this uses
+    Dagster's test helper and origin classes; the daemon tests below use real ones."""
+    from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
+    from dagster._core.test_utils import create_run_for_test
+
+    origin = RemoteJobOrigin(RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("mailpipe"), "__repository__"),
+                             "mailbox_backup_job")
+    return create_run_for_test(inst, job_name="mailbox_backup_job", status=status, tags=tags,
+                               remote_job_origin=origin)
 
 
 def test_batched_run_fails_one_mailbox_and_retry_sensor_recovers_it_reusing_stored_work(env):
@@ -123,20 +180,16 @@ def test_batched_run_fails_one_mailbox_and_retry_sensor_recovers_it_reusing_stor
     ctx = dg.build_sensor_context(instance=inst, cursor=None)
     tick = retry_failed_mailboxes(ctx)
     assert not tick.run_requests and victim in json.loads(tick.cursor)
-    from dagster._core.test_utils import create_run_for_test
-
-    busy = create_run_for_test(inst, job_name="mailbox_backup_job", status=dg.DagsterRunStatus.STARTED,
-                               tags={"dagster/asset_partition_range_start": keys[0],
-                                     "dagster/asset_partition_range_end": keys[2]})
+    busy = run_as_if_launched(inst, dg.DagsterRunStatus.QUEUED, {"dagster/asset_partition_range_start": keys[0],
+                                                                  "dagster/asset_partition_range_end": keys[2]})
     reqs, _, _ = plan_retries(inst, {}, time.time(), max_attempts=3, backoff_s=0, per_tick=10, batch_size=25)
     assert reqs == []  # a queued range run covers the victim
     inst.delete_run(busy.run_id)
-    # run retries are enabled (dagster.yaml): the failed run is marked for an automatic retry, which is
-    # pending (no daemon here); the sensor leaves the key to it
-    assert inst.get_run_by_id(result.run_id).tags.get("dagster/will_retry") == "true"
-    reqs, _, _ = plan_retries(inst, {}, time.time(), max_attempts=3, backoff_s=0, per_tick=10, batch_size=25)
-    assert reqs == []
-    inst.add_run_tags(result.run_id, {"dagster/will_retry": "false"})  # automatic retries exhausted
+    # run retries are enabled (dagster.yaml), so Dagster marks the failed run for an automatic retry; but
+    # an in-process run (like `dagster job execute` and `mailpipe demo`) has no code-location origin and
+    # Dagster's retry daemon cannot re-launch it: the sensor does not wait for that retry
+    failed_run = inst.get_run_by_id(result.run_id)
+    assert failed_run.tags.get("dagster/will_retry") == "true" and failed_run.remote_job_origin is None
     reqs, cur, _ = plan_retries(inst, {}, time.time(), max_attempts=3, backoff_s=0, per_tick=10, batch_size=25)
     assert len(reqs) == 1 and reqs[0].tags["dagster/partition"] == victim and reqs[0].tags["tenant"] == "t1"
     exhausted, _, notes = plan_retries(inst, {victim: {"attempts": 3, "next_at": 0}}, time.time(), max_attempts=3,
@@ -154,6 +207,44 @@ def test_batched_run_fails_one_mailbox_and_retry_sensor_recovers_it_reusing_stor
     # next tick: recovered, the cursor forgets it
     tick2 = retry_failed_mailboxes(dg.build_sensor_context(instance=inst, cursor=json.dumps(cur)))
     assert json.loads(tick2.cursor) == {}
+
+
+def test_retry_sensor_waits_only_for_a_run_retry_that_can_happen(env):
+    """A failed run with a code-location origin (launched by the daemon, a backfill, the UI) is left to
+    Dagster's run retry: until the retry run appears, for at most MAILPIPE_RUN_RETRY_GRACE after it
+    failed; then the retry run's own status counts. Without an origin, nothing is waited for."""
+    from mailpipe.defs.partitions import KeyRange
+    from mailpipe.defs.sensors import plan_retries
+
+    sim, inst = env["sim"], env["instance"]
+    keys = register_all(env)
+    victim = keys[0]
+    sim.set_faults(FaultConfig(fail_users={victim.split(":", 1)[1]: 403}))
+    assert not run_job(env, KeyRange("t1", (victim,)).tags()).success  # in-process: no origin
+    assert statuses(env, [victim])[victim] == "FAILED"
+
+    grace = 100
+    plan = lambda now: plan_retries(inst, {}, now, max_attempts=3, backoff_s=0, per_tick=10,  # noqa: E731
+                                    batch_size=25, run_retry_grace_s=grace)[0]
+    assert len(plan(time.time())) == 1  # nothing to wait for
+
+    # the same mailbox failed again, in a run the daemon launched
+    tags = KeyRange("t1", tuple(keys[:2])).tags()
+    run = run_as_if_launched(inst, dg.DagsterRunStatus.STARTED, tags)
+    inst.report_run_failed(run)
+    rec = inst.get_run_record_by_id(run.run_id)
+    assert rec.dagster_run.tags.get("dagster/will_retry") == "true" and rec.end_time is not None
+    assert plan(rec.end_time + 1) == []  # Dagster's retry is pending
+    assert plan(rec.end_time + grace - 1) == []
+    [late] = plan(rec.end_time + grace + 1)  # it never came: the sensor retries
+    assert late.tags["dagster/partition"] == victim
+
+    # the retry appears: then its own status counts, not its parent's
+    child = run_as_if_launched(inst, dg.DagsterRunStatus.NOT_STARTED, {**tags, "dagster/parent_run_id": run.run_id})
+    assert plan(rec.end_time + grace + 1) == []  # created by the retry daemon, about to be submitted
+    inst.report_run_failed(child)
+    inst.add_run_tags(child.run_id, {"dagster/will_retry": "false"})  # Dagster's retries are exhausted
+    assert len(plan(rec.end_time + 1)) == 1  # the parent's retry happened: nothing left to wait for
 
 
 def test_retried_run_skips_mailboxes_committed_by_the_first_attempt(env):
@@ -225,58 +316,245 @@ def test_schedule_produces_batched_runs_per_tenant(env):
     assert len({r.run_key for r in reqs}) == len(reqs)
 
 
-def test_webserver_and_daemon_run_a_ui_backfill_in_batches(env):
+# ---------------------------------------------------------------------------------------------------------
+# With a real daemon: the retry sensor, Dagster's run retries and run monitoring, as they run in production
+
+BIN = Path(sys.executable).parent
+# the sensor ticks as often as the daemon allows (its loop is ~5 s), a failed mailbox is due 1 s later
+FAST_SENSOR = {"MAILPIPE_MAILBOX_RETRY_INTERVAL": "1", "MAILPIPE_MAILBOX_RETRY_BACKOFF": "1"}
+
+
+@contextmanager
+def dagster_daemon(e, extra_env: dict[str, str]):
+    """``dagster-daemon run`` on the project's workspace.yaml, with the test's env plus ``extra_env`` (its
+    code server, so the sensors and the runs it launches, inherit it); its log goes to daemon.log."""
+    log = open(e["tmp"] / "daemon.log", "ab")
+    proc = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")],
+                            env={**os.environ, **extra_env}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+def wait_until(what: str, pred, timeout: float, e=None, every: float = 0.5):
+    """Poll ``pred`` until it returns something truthy (returned); on timeout fail with the daemon's log."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            log = (e["tmp"] / "daemon.log").read_text(errors="replace")[-4000:] if e else ""
+            pytest.fail(f"{what}: not within {timeout:.0f} s\n--- daemon log (tail) ---\n{log}")
+        time.sleep(every)
+
+
+def runs_for(e, key: str) -> list[dg.RunRecord]:
+    """Every run that covered ``key`` (single-key runs by tag; range runs by their range), oldest first:
+    mailbox_backup_job runs and backfill runs (``__ASSET_JOB``) alike."""
+    from mailpipe.defs.partitions import keys_of_run_tags
+
+    all_keys = e["instance"].get_dynamic_partitions("mailboxes")
+    recs = e["instance"].get_run_records()
+    return sorted((r for r in recs if key in keys_of_run_tags(r.dagster_run.tags, all_keys)),
+                  key=lambda r: r.create_timestamp)
+
+
+def settled(e, keys: list[str]) -> bool:
+    """Every key MATERIALIZED and every run that covered one of them finished (a partition is MATERIALIZED
+    as soon as its event is stored, a moment before its run ends)."""
+    return (set(statuses(e, keys).values()) == {"MATERIALIZED"}
+            and all(r.dagster_run.is_finished for k in keys for r in runs_for(e, k)))
+
+
+def describe(runs: list[dg.RunRecord]) -> str:
+    """One line per run, for assertion messages."""
+    keep = ("dagster/parent_run_id", "dagster/sensor_name", "dagster/backfill", "dagster/will_retry",
+            "dagster/partition", "dagster/asset_partition_range_start", "dagster/asset_partition_range_end")
+    return "\n".join(f"{r.dagster_run.run_id[:8]} {r.dagster_run.status.value} "
+                     f"{ {k: v for k, v in r.dagster_run.tags.items() if k in keep} }" for r in runs)
+
+
+def middle_item(sim, upn: str) -> str:
+    msgs = sim.model.mailbox(upn).msgs
+    return sorted(msgs)[len(msgs) // 2]
+
+
+def test_webserver_and_daemon_run_a_ui_backfill_in_batches_and_dagsters_run_retry_recovers_a_failure(env):
     """What a user does in the UI: launch a backfill over t1:* (the GraphQL mutation the UI sends);
-    the daemon submits batched runs; each mailbox gets its own status — one made to fail ends FAILED,
-    the others MATERIALIZED."""
+    the daemon submits batched runs; each mailbox gets its own status. One mailbox fails after storing
+    part of its items; the fault heals; Dagster's own run retry (the run has a code-location origin)
+    backs it up again, reusing what was stored — and the retry sensor, ticking meanwhile, leaves it to
+    that retry instead of launching a duplicate."""
     import urllib.request
 
     from mailpipe_tests.conftest import free_port
 
+    sim, inst = env["sim"], env["instance"]
     keys = register_all(env)
     victim = keys[2]
-    env["sim"].set_faults(FaultConfig(fail_users={victim.split(":", 1)[1]: 403}))
+    upn = victim.split(":", 1)[1]
+    bad = middle_item(sim, upn)
+    sim.set_faults(FaultConfig(fail_values={bad: 503}))
     port = free_port()
-    penv = {**os.environ, "MAILPIPE_BATCH_SIZE": "2"}
-    bin_ = Path(sys.executable).parent
-    web = subprocess.Popen([str(bin_ / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w",
-                            str(ROOT / "workspace.yaml")], env=penv, cwd=ROOT,
+    # The sensor would retry the failed mailbox at its next tick (backoff 0; it ticks every ~5 s). Dagster's
+    # retry daemon looks for failed runs when the daemon starts and then every 60 s here (5 s by default):
+    # the batch fails ~40 s in (the backfill daemon's first tick is at 30 s), so Dagster's retry stays
+    # pending for ~20 s, over several ticks of the sensor, which must wait for it.
+    extra = {**FAST_SENSOR, "MAILPIPE_MAILBOX_RETRY_BACKOFF": "0", "MAILPIPE_RUN_RETRY_GRACE": "120",
+             "MAILPIPE_BATCH_SIZE": "2", "DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS": "60"}
+    web = subprocess.Popen([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w",
+                            str(ROOT / "workspace.yaml")], env={**os.environ, **extra}, cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    daemon = subprocess.Popen([str(bin_ / "dagster-daemon"), "run", "-w", str(ROOT / "workspace.yaml")], env=penv,
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        url = f"http://127.0.0.1:{port}/graphql"
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "webserver did not start"
-                time.sleep(0.5)
-        mutation = """mutation Launch($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
-            __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
-        body = json.dumps({"query": mutation, "variables": {"p": {
-            "partitionNames": keys, "assetSelection": [{"path": ["mailbox_backup"]}],
-            "tags": [{"key": "tenant", "value": "t1"}]}}}).encode()
-        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-        resp = json.loads(urllib.request.urlopen(req, timeout=60).read())
-        assert resp["data"]["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", resp
-        deadline = time.monotonic() + 240
-        while True:
-            st = statuses(env, keys)
-            if st[victim] == "FAILED" and all(v == "MATERIALIZED" for k, v in st.items() if k != victim):
-                break
-            assert time.monotonic() < deadline, f"statuses after 240 s: {st}"
-            time.sleep(2)
-        runs = [r for r in env["instance"].get_run_records(dg.RunsFilter(tags={"tenant": "t1"}))
-                if "dagster/parent_run_id" not in r.dagster_run.tags]  # not the automatic run retries
-        assert len(runs) == 2  # batched: 4 mailboxes in runs of 2
+        with dagster_daemon(env, extra):
+            url = f"http://127.0.0.1:{port}/graphql"
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "webserver did not start"
+                    time.sleep(0.5)
+            mutation = """mutation Launch($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+                __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+            body = json.dumps({"query": mutation, "variables": {"p": {
+                "partitionNames": keys, "assetSelection": [{"path": ["mailbox_backup"]}],
+                "tags": [{"key": "tenant", "value": "t1"}]}}}).encode()
+            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+            resp = json.loads(urllib.request.urlopen(req, timeout=60).read())
+            assert resp["data"]["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", resp
+
+            failed = wait_until("the victim's batch run fails", lambda: [
+                r for r in runs_for(env, victim) if r.dagster_run.status == dg.DagsterRunStatus.FAILURE], 180, env,
+                every=0.2)[0]
+            sim.set_faults(FaultConfig())  # healed before Dagster's retry starts (its daemon has not ticked)
+            first = Counter(sim.stats()["mime_downloads"].get(upn, {}))
+            assert first and bad not in first, "the failed attempt stored part of the mailbox"
+            assert statuses(env, [victim])[victim] == "FAILED", describe(runs_for(env, victim))
+            assert failed.dagster_run.remote_job_origin is not None  # a run Dagster can retry
+
+            wait_until("every mailbox MATERIALIZED, its runs ended", lambda: settled(env, keys), 120, env)
+        dup = inst.get_run_records(dg.RunsFilter(tags={"dagster/sensor_name": "retry_failed_mailboxes"}))
+        assert not dup, f"the retry sensor launched a run while Dagster's run retry was pending:\n{describe(dup)}"
+        runs = runs_for(env, victim)
+        originals = [r for r in inst.get_run_records(dg.RunsFilter(tags={"tenant": "t1"}))
+                     if "dagster/parent_run_id" not in r.dagster_run.tags]
+        assert len(originals) == 2, describe(originals)  # batched: 4 mailboxes in runs of 2
+        # the failed run, then exactly one more: Dagster's retry of it
+        assert [r.dagster_run.run_id for r in runs] == [failed.dagster_run.run_id, runs[-1].dagster_run.run_id], \
+            describe(runs)
+        retry = runs[1]
+        assert retry.dagster_run.tags.get("dagster/parent_run_id") == failed.dagster_run.run_id
+        assert "dagster/sensor_name" not in retry.dagster_run.tags
+        assert retry.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+        both = Counter(sim.stats()["mime_downloads"][upn])
+        assert set(both) == set(sim.model.mailbox(upn).msgs)
+        again = {i: n for i, n in both.items() if n > 1}
+        assert not again, f"items stored by the failed attempt downloaded again: {again} (first: {dict(first)})"
     finally:
-        for p in (daemon, web):
-            p.terminate()
-        for p in (daemon, web):
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        web.terminate()
+        try:
+            web.wait(30)
+        except subprocess.TimeoutExpired:
+            web.kill()
+
+
+def test_failed_dagster_job_execute_run_is_retried_by_the_sensor_under_a_real_daemon(env):
+    """`dagster job execute` runs have no code-location origin: Dagster tags the failed run
+    dagster/will_retry=true but its retry daemon cannot re-launch it. The sensor must retry the mailbox
+    itself, reusing what the failed attempt stored."""
+    sim, inst = env["sim"], env["instance"]
+    keys = register_all(env)
+    victim = keys[1]
+    upn = victim.split(":", 1)[1]
+    bad = middle_item(sim, upn)
+    sim.set_faults(FaultConfig(fail_values={bad: 503}))  # part of the mailbox is stored, then it fails
+    cmd = [str(BIN / "dagster"), "job", "execute", "-m", "mailpipe.definitions", "-j", "mailbox_backup_job",
+           "--tags", json.dumps({"dagster/partition": victim, "tenant": "t1"})]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=env["tmp"])
+    assert out.returncode != 0 and statuses(env, [victim])[victim] == "FAILED", out.stderr[-2000:]
+    [failed] = runs_for(env, victim)
+    assert failed.dagster_run.status == dg.DagsterRunStatus.FAILURE
+    # the trap: marked for an automatic retry that Dagster cannot launch
+    assert failed.dagster_run.tags.get("dagster/will_retry") == "true"
+    assert failed.dagster_run.remote_job_origin is None
+    first = Counter(sim.stats()["mime_downloads"].get(upn, {}))
+    assert first and bad not in first, "the failed attempt stored part of the mailbox"
+    sim.set_faults(FaultConfig())
+
+    with dagster_daemon(env, {**FAST_SENSOR, "MAILPIPE_RUN_RETRY_GRACE": "5"}):
+        wait_until("the sensor's retry materializes the mailbox", lambda: settled(env, [victim]), 150, env)
+    runs = runs_for(env, victim)
+    # the failed run, then exactly one more: the sensor's
+    assert [r.dagster_run.run_id for r in runs] == [failed.dagster_run.run_id, runs[-1].dagster_run.run_id], \
+        describe(runs)
+    retry = runs[1]
+    assert retry.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    assert retry.dagster_run.tags.get("dagster/sensor_name") == "retry_failed_mailboxes"
+    assert retry.dagster_run.tags.get("mailpipe/retry_attempt") == "1"
+    both = Counter(sim.stats()["mime_downloads"][upn])
+    assert set(both) == set(sim.model.mailbox(upn).msgs)
+    again = {i: n for i, n in both.items() if n > 1}
+    assert not again, f"items stored by the failed attempt downloaded again: {again} (first: {dict(first)})"
+
+
+def test_run_monitoring_fails_a_hung_run_and_the_sensor_retries_its_mailbox(env):
+    """A run stuck on a Graph body that never ends (the engine's own time bounds set out of reach) is
+    failed by the daemon's run monitoring after max_runtime_seconds; its mailbox ends FAILED, and once
+    the fault is gone the retry sensor backs it up, reusing what the stuck run stored."""
+    import yaml
+
+    from mailpipe.settings import Settings
+
+    sim, inst = env["sim"], env["instance"]
+    project = yaml.safe_load((ROOT / "dagster.yaml").read_text())
+    mon = project["run_monitoring"]
+    assert mon["enabled"] and mon["max_runtime_seconds"] > Settings().mailbox_deadline
+    # this instance: the project's dagster.yaml with a 15 s maximum run time, checked every second
+    (env["home"] / "dagster.yaml").write_text(yaml.safe_dump(
+        {**project, "run_monitoring": {**mon, "max_runtime_seconds": 15, "poll_interval_seconds": 1}}))
+    keys = register_all(env)
+    victim = keys[1]
+    upn = victim.split(":", 1)[1]
+    slow = middle_item(sim, upn)
+    sim.set_faults(FaultConfig(trickle_values=[slow]))  # its body drips 1 byte every 5 s
+    out_of_reach = {"MAILPIPE_GRAPH_SLOW_BODY_GRACE": "3600", "MAILPIPE_MAILBOX_DEADLINE": "3600"}
+    with dagster_daemon(env, {**FAST_SENSOR, **out_of_reach}):
+        # through the instance's run queue and launcher, as schedules, sensors and backfills launch runs;
+        # no automatic run retry for this one, so the retry sensor is what must take over
+        cmd = [str(BIN / "dagster"), "job", "launch", "-w", str(ROOT / "workspace.yaml"), "-j", "mailbox_backup_job",
+               "--tags", json.dumps({"dagster/partition": victim, "tenant": "t1", "dagster/max_retries": "0"})]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ}, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        [hung] = wait_until("the run starts", lambda: runs_for(env, victim), 60, env)
+        hung_id = hung.dagster_run.run_id
+        hung = wait_until("run monitoring fails the hung run", lambda: [
+            r for r in [inst.get_run_record_by_id(hung_id)] if r.dagster_run.status == dg.DagsterRunStatus.FAILURE],
+            90, env)[0]
+        assert statuses(env, [victim])[victim] == "FAILED"
+        assert hung.end_time - hung.start_time >= 15
+        assert any("maximum runtime" in (ev.message or "") for ev in inst.all_logs(hung_id))
+        first = Counter(sim.stats()["mime_downloads"].get(upn, {}))
+        assert slow in first and len(first) > 1, "the stuck run stored part of the mailbox"
+        sim.set_faults(FaultConfig())
+        wait_until("the sensor's retry materializes the mailbox", lambda: settled(env, [victim]), 120, env)
+    runs = runs_for(env, victim)
+    # the stuck run, then exactly one more: the sensor's
+    assert [r.dagster_run.run_id for r in runs] == [hung_id, runs[-1].dagster_run.run_id], describe(runs)
+    retry = runs[1]
+    assert retry.dagster_run.tags.get("dagster/sensor_name") == "retry_failed_mailboxes"
+    assert retry.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    both = Counter(sim.stats()["mime_downloads"][upn])
+    assert set(both) == set(sim.model.mailbox(upn).msgs)
+    assert both[slow] == 2  # the stuck run never got its whole body
+    again = {i: n for i, n in both.items() if n > 1 and i != slow}
+    assert not again, f"items stored by the stuck run downloaded again: {again}"

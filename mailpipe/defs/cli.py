@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,8 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.set_defaults(func=_demo)
 
 
+def packaged_dagster_yaml() -> bytes:
+    """mailpipe's Dagster instance config, as shipped in the package (``mailpipe/defs/dagster.yaml``;
+    the repository's top-level ``dagster.yaml`` links to it). Read through :mod:`importlib.resources`,
+    so it is found in an installed wheel as in a checkout."""
+    from importlib.resources import files
+
+    return files("mailpipe.defs").joinpath("dagster.yaml").read_bytes()
+
+
 def ensure_dagster_home() -> Path:
-    """$DAGSTER_HOME, or .mailpipe/dagster_home with the project's dagster.yaml."""
+    """$DAGSTER_HOME, or .mailpipe/dagster_home holding mailpipe's dagster.yaml.
+
+    The yaml written is always the packaged one: without it an instance runs with no per-tenant run
+    limit, no run retries and no run monitoring, and nothing would say so — so a broken install fails
+    here instead of falling back to another config. An existing dagster.yaml is left as it is."""
     from mailpipe.config import mailpipe_home
 
     home = os.environ.get("DAGSTER_HOME")
@@ -38,11 +50,9 @@ def ensure_dagster_home() -> Path:
     p.mkdir(parents=True, exist_ok=True)
     yaml_path = p / "dagster.yaml"
     if not yaml_path.exists():
-        src = Path(__file__).resolve().parents[2] / "dagster.yaml"
-        if src.exists():
-            shutil.copyfile(src, yaml_path)
-        else:
-            yaml_path.write_text("run_retries:\n  enabled: true\n  max_retries: 2\ntelemetry:\n  enabled: false\n")
+        tmp = yaml_path.with_name(f".dagster.yaml.{os.getpid()}")
+        tmp.write_bytes(packaged_dagster_yaml())
+        os.replace(tmp, yaml_path)  # never a half-written instance config
     os.environ["DAGSTER_HOME"] = str(p)
     return p
 

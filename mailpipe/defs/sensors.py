@@ -4,9 +4,9 @@
 import hashlib
 import json
 import time
+from datetime import datetime, timezone
 
 import dagster as dg
-from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES
 
 from mailpipe.defs.assets import mailbox_backup, mailbox_backup_job
 from mailpipe.defs.discovery import discover_all
@@ -32,33 +32,67 @@ def discover_mailboxes(context: dg.SensorEvaluationContext, mailpipe: MailpipeRe
     return dg.SensorResult(dynamic_partitions_requests=[mailboxes_partitions.build_add_request(new)])
 
 
-def _busy_keys(instance: dg.DagsterInstance, all_keys: list[str]) -> set[str]:
-    """Keys covered by a queued/running run, or by a failed run whose automatic retry is still pending."""
-    index = {k: i for i, k in enumerate(all_keys)}
+# Runs that will (or may still) back up the mailboxes they cover: the sensor never launches another run
+# for those keys. Public statuses, listed explicitly: NOT_STARTED covers the moment between the run
+# retry daemon creating a retry and submitting it; CANCELING runs may still be writing.
+ACTIVE_STATUSES = [
+    dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING,
+]
+
+
+def run_retry_pending(instance: dg.DagsterInstance, rec: dg.RunRecord, now: float, grace_s: float) -> bool:
+    """Whether Dagster's own run retry can and will re-run this failed run, so its mailboxes are left to it.
+
+    ``dagster/will_retry=true`` alone is not enough: Dagster sets it on every failed run when run retries
+    are enabled, but its retry daemon can only re-launch a run that has a code-location origin. A run
+    started by ``dagster job execute`` or ``execute_in_process`` (``mailpipe demo``) has none; the daemon
+    logs "Run does not have an external job origin" and never retries it, so waiting for that retry would
+    leave its mailboxes FAILED for ever. And a retry that can happen may still not: the daemon skips a
+    run whose backfill has ended or was canceled, or whose code location or job is gone. So the sensor
+    waits only for a run with an origin, and only ``grace_s`` after it ended (the retry daemon normally
+    acts within seconds); once the retry run exists, it is that run's status (active, failed or
+    succeeded) that counts, not this one's."""
+    run = rec.dagster_run
+    if run.remote_job_origin is None:
+        return False
+    if instance.get_run_records(dg.RunsFilter(tags={"dagster/parent_run_id": run.run_id}), limit=1):
+        return False  # the retry exists: busy while it is active, and judged on its own once it ends
+    ended = rec.end_time if rec.end_time is not None else rec.update_timestamp.timestamp()
+    return now - ended < grace_s
+
+
+def _busy_keys(instance: dg.DagsterInstance, all_keys: list[str], index: dict[str, int], now: float,
+               grace_s: float) -> set[str]:
+    """Keys covered by a queued/running run, or by a failed run whose automatic retry is pending."""
     busy: set[str] = set()
-    for rec in instance.get_run_records(dg.RunsFilter(statuses=list(IN_PROGRESS_RUN_STATUSES))):
+    for rec in instance.get_run_records(dg.RunsFilter(statuses=ACTIVE_STATUSES)):
         busy.update(keys_of_run_tags(rec.dagster_run.tags, all_keys, index))
-    recent_failed = instance.get_run_records(
-        dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE], tags={"dagster/will_retry": "true"}), limit=200)
+    # only runs that ended within the grace period can have a pending retry; a run's update time is at or
+    # after its end time, so this pre-filter (with a minute to spare) drops none of them, and keeps the
+    # query small however many failed runs the instance holds
+    recent_failed = instance.get_run_records(dg.RunsFilter(
+        statuses=[dg.DagsterRunStatus.FAILURE], tags={"dagster/will_retry": "true"},
+        updated_after=datetime.fromtimestamp(now - grace_s - 60, tz=timezone.utc)))
     for rec in recent_failed:
-        children = instance.get_run_records(dg.RunsFilter(tags={"dagster/parent_run_id": rec.dagster_run.run_id}),
-                                            limit=1)
-        if not children:
+        if run_retry_pending(instance, rec, now, grace_s):
             busy.update(keys_of_run_tags(rec.dagster_run.tags, all_keys, index))
     return busy
 
 
 def plan_retries(instance: dg.DagsterInstance, cursor: dict, now: float, *, max_attempts: int, backoff_s: float,
-                 per_tick: int, batch_size: int) -> tuple[list[dg.RunRequest], dict, list[str]]:
+                 per_tick: int, batch_size: int, run_retry_grace_s: float = settings.RUN_RETRY_GRACE_S,
+                 ) -> tuple[list[dg.RunRequest], dict, list[str]]:
     """(run requests, new cursor, log lines). Cursor: {key: {"attempts": n, "next_at": t}}."""
-    all_keys = instance.get_dynamic_partitions(PARTITIONS_NAME)
+    all_keys = list(instance.get_dynamic_partitions(PARTITIONS_NAME))
     status = instance.get_status_by_partition(mailbox_backup.key, all_keys, mailboxes_partitions) or {}
     failed = {k for k, s in status.items() if s == dg.AssetPartitionStatus.FAILED}
     state = {k: v for k, v in cursor.items() if k in failed}  # recovered keys leave the cursor
     notes: list[str] = []
-    busy = _busy_keys(instance, all_keys) if failed else set()
+    index = {k: i for i, k in enumerate(all_keys)}  # built once: list.index is O(n) per key
+    busy = _busy_keys(instance, all_keys, index, now, run_retry_grace_s) if failed else set()
     due: list[str] = []
-    for k in sorted(failed, key=all_keys.index):
+    for k in sorted(failed, key=index.__getitem__):
         st = state.setdefault(k, {"attempts": 0, "next_at": now + backoff_s})
         if k in busy:
             continue
@@ -91,13 +125,15 @@ def plan_retries(instance: dg.DagsterInstance, cursor: dict, now: float, *, max_
     description=f"Re-materializes FAILED mailbox partitions with exponential backoff (first after "
     f"{settings.RETRY_BACKOFF_S}s, doubling), at most {settings.RETRY_MAX_ATTEMPTS} times each and "
     f"{settings.RETRY_PER_TICK} per tick, batched in contiguous ranges; never while a run for the mailbox "
-    "is queued or running or an automatic run retry is pending.",
+    "is queued or running, nor while Dagster's automatic retry of its failed run is pending (only for "
+    f"runs Dagster can retry, at most {settings.RUN_RETRY_GRACE_S}s after they failed).",
 )
 def retry_failed_mailboxes(context: dg.SensorEvaluationContext) -> dg.SensorResult:
     cursor = json.loads(context.cursor) if context.cursor else {}
     requests, state, notes = plan_retries(
         context.instance, cursor, time.time(), max_attempts=settings.RETRY_MAX_ATTEMPTS,
-        backoff_s=settings.RETRY_BACKOFF_S, per_tick=settings.RETRY_PER_TICK, batch_size=settings.BATCH_SIZE)
+        backoff_s=settings.RETRY_BACKOFF_S, per_tick=settings.RETRY_PER_TICK, batch_size=settings.BATCH_SIZE,
+        run_retry_grace_s=settings.RUN_RETRY_GRACE_S)
     for n in notes:
         context.log.info(n)
     return dg.SensorResult(run_requests=requests, cursor=json.dumps(state, sort_keys=True),
