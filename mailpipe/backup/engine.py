@@ -220,14 +220,14 @@ class MailboxBackup:
             if renewer is not None:
                 renewer.cancel()
                 await asyncio.gather(renewer, return_exceptions=True)
+            if self.work is not None:  # before the lease goes: the next holder may use the same directory
+                shutil.rmtree(self.work, ignore_errors=True)
             if self._lease is not None:
                 await self._io(self._lease.release)
             if mb is not None:
                 self.result.requests = mb.stats.requests
                 self.result.throttled = mb.stats.throttled
                 await self.graph.release(mb.user_id)
-            if self.work is not None:
-                shutil.rmtree(self.work, ignore_errors=True)
             self.result.bytes_fetched = self.bytes_fetched
             self.result.bytes_stored_new = self.bytes_stored_new
             self.result.seconds = round(time.monotonic() - t0, 3)
