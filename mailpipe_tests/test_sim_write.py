@@ -30,3 +30,20 @@ def test_summarize_on_the_seeded_corpus(sim_factory):
         seen["huge"] += any(a["size"] > 25 * 1024 * 1024 for a in s["attachments"])
         assert "Kind regards" in s["body_text"]  # the HTML alternative is what a reader sees
     assert all(seen.values()), seen
+
+
+def test_summarize_is_tolerant_and_reads_what_a_person_reads():
+    mixed = summarize(b"Subject: \xc3\xa9t\xc3\xa9 \xe9\r\nFrom: Gr\xfc\xdfe <A@B.example>\r\n"
+                      b"To: =?iso-8859-1?Q?Zo=EB?= <z@x>, \"Doe, J\" <j@x>\r\n\r\nx")
+    assert mixed["subject"] == "été é"  # UTF-8 where it is UTF-8, the other 8-bit bytes as cp1252
+    assert mixed["from"] == ["a@b.example"] and mixed["names"]["from"] == ["Grüße"]
+    assert mixed["to"] == ["z@x", "j@x"] and mixed["names"]["to"] == ["Zoë", "Doe, J"]
+    html = summarize(b"Content-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
+                     b"plain words\r\n--b\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<html><head><title>t</title>"
+                     b"<style>p{}</style></head><body><p>Hello&nbsp;<b>wor</b>ld</p><p>again</p></body></html>\r\n"
+                     b"--b--\r\n")
+    assert html["body_text"] == "Hello world again" and html["attachments"] == []
+    for junk in (b"", b"garbage", b"Date: nonsense\r\nContent-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n"
+                 b"Content-Type: application/pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!\r\n"):
+        s = summarize(junk)
+        assert s["date"] is None and isinstance(s["attachments"], list)

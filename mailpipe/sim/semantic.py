@@ -100,16 +100,12 @@ class _TextExtractor(HTMLParser):
 # headers ------------------------------------------------------------------------------------------------
 def _repair(value: Any) -> str:
     """A raw header value as text: unfolded; raw 8-bit bytes (surrogate-escaped by the parser) decoded as
-    UTF-8, else cp1252, else Latin-1."""
+    UTF-8 where they are UTF-8, and each other byte as cp1252 (else Latin-1)."""
     s = str(value)
     s = re.sub(r"\r?\n(?=[ \t])", "", s).replace("\r", "").replace("\n", "")
     if any("\udc80" <= c <= "\udcff" for c in s):
-        raw = s.encode("utf-8", "surrogateescape")
-        for cs in ("utf-8", "cp1252", "latin-1"):
-            try:
-                return raw.decode(cs)
-            except UnicodeDecodeError:
-                continue
+        s = s.encode("utf-8", "surrogateescape").decode("utf-8", "surrogateescape")
+        s = re.sub("[\udc80-\udcff]", lambda m: _decode_bytes(bytes([ord(m.group()) - 0xDC00]), "cp1252"), s)
     return s
 
 
@@ -274,8 +270,8 @@ def _summarize(msg: Message) -> dict[str, Any]:
     if not out["sender"]:
         out["sender"], names["sender"] = list(out["from"]), list(names["from"])
     out["names"] = names
-    mid = _header(msg, "Message-ID")
-    out["internet_message_id"] = normalize_space(mid) or None if mid is not None else None
+    mid = normalize_space(_header(msg, "Message-ID") or "")
+    out["internet_message_id"] = mid or None
     out["date"] = _date(msg)
     out["importance"] = _importance(msg)
     bodies: dict[str, str] = {}
