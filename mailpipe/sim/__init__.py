@@ -59,6 +59,7 @@ class _Endpoint:
     base_url: str
     authority: str | None
     ca_file: str | None
+    upload_base_url: str | None = None  # the origin of attachment upload URLs (a second port)
 
     def _admin(self, method: str, path: str, body: Any = None, timeout: float = 60) -> Any:
         data = None if body is None else json.dumps(body).encode()
@@ -78,9 +79,11 @@ class _Endpoint:
     def reset_stats(self) -> None:
         self._admin("POST", "stats/reset", {})
 
-    def truth(self, user: str | None = None, hashes: bool = True) -> dict[str, Any]:
-        """Every mailbox as it is now; ``hashes=False`` skips generating every item's MIME (big mailboxes)."""
-        q = "&".join(x for x in (f"user={user}" if user else "", "" if hashes else "hashes=0") if x)
+    def truth(self, user: str | None = None, hashes: bool = True, semantic: bool = False) -> dict[str, Any]:
+        """Every mailbox as it is now; ``hashes=False`` skips generating every item's MIME (big mailboxes);
+        ``semantic=True`` adds each item's ``semantic`` view (what a person sees, docs/SIMULATOR.md)."""
+        q = "&".join(x for x in (f"user={user}" if user else "", "" if hashes else "hashes=0",
+                                 "semantic=1" if semantic else "") if x)
         return self._admin("GET", "truth" + (f"?{q}" if q else ""))
 
     def mutate(self, user: str, ops: list[dict] | None = None, *, random: int = 0, seed: int = 0) -> dict:
@@ -100,7 +103,7 @@ class _Endpoint:
 
     def endpoint(self) -> dict[str, Any]:
         return {"graph_url": self.graph_url, "base_url": self.base_url, "authority": self.authority,
-                "ca_file": self.ca_file}
+                "ca_file": self.ca_file, "upload_base_url": self.upload_base_url}
 
 
 class Simulator(_Endpoint):
@@ -116,6 +119,7 @@ class Simulator(_Endpoint):
         self.authority: str | None = None
         self.server: SimServer | None = None
         self._runner = None
+        self._upload_runner = None
 
     def start(self) -> Simulator:
         from aiohttp import web
@@ -131,20 +135,27 @@ class Simulator(_Endpoint):
                                 client_certificates=self.cfg.client_certificates)
         self._thread.start()
 
-        async def boot() -> int:
+        async def boot() -> tuple[int, int]:
             self._runner = web.AppRunner(self.server.app, access_log=None, handle_signals=False)
             await self._runner.setup()
             site = web.TCPSite(self._runner, "127.0.0.1", self._port, ssl_context=ssl_ctx, backlog=1024)
             await site.start()
-            return site._server.sockets[0].getsockname()[1]
+            # the attachment upload URLs: another origin, as Exchange's (outlook.office.com) is
+            self._upload_runner = web.AppRunner(self.server.upload_app, access_log=None, handle_signals=False)
+            await self._upload_runner.setup()
+            up = web.TCPSite(self._upload_runner, "127.0.0.1", 0, ssl_context=ssl_ctx, backlog=1024)
+            await up.start()
+            return site._server.sockets[0].getsockname()[1], up._server.sockets[0].getsockname()[1]
 
-        port = asyncio.run_coroutine_threadsafe(boot(), self._loop).result(30)
+        port, upload_port = asyncio.run_coroutine_threadsafe(boot(), self._loop).result(30)
         scheme = "https" if self.cfg.tls else "http"
         self.port = port
         self.base_url = f"{scheme}://127.0.0.1:{port}"
         self.graph_url = f"{self.base_url}/v1.0"
         self.authority = self.base_url if self.cfg.tls else None
+        self.upload_base_url = f"{scheme}://127.0.0.1:{upload_port}"
         self.server.base_url = self.base_url
+        self.server.upload_base_url = self.upload_base_url
         return self
 
     # in-process shortcuts (no HTTP)
@@ -154,8 +165,8 @@ class Simulator(_Endpoint):
     def reset_stats(self) -> None:
         self.server.reset_stats()
 
-    def truth(self, user: str | None = None, hashes: bool = True) -> dict[str, Any]:
-        return self.model.truth(user, hashes)
+    def truth(self, user: str | None = None, hashes: bool = True, semantic: bool = False) -> dict[str, Any]:
+        return self.model.truth(user, hashes, semantic)
 
     def set_faults(self, faults: FaultConfig | dict) -> None:
         self.server.faults = faults if isinstance(faults, FaultConfig) else FaultConfig.from_dict(faults)
@@ -178,9 +189,10 @@ class Simulator(_Endpoint):
         return time.monotonic() - self.server.last_request
 
     def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
-            self._runner = None
+        for runner in (self._runner, self._upload_runner):
+            if runner is not None:
+                asyncio.run_coroutine_threadsafe(runner.cleanup(), self._loop).result(30)
+        self._runner = self._upload_runner = None
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
 
@@ -227,6 +239,7 @@ class SimProcess(_Endpoint):
         ep = json.loads(line)
         self.graph_url, self.base_url = ep["graph_url"], ep["base_url"]
         self.authority, self.ca_file = ep["authority"], ep["ca_file"]
+        self.upload_base_url = ep.get("upload_base_url")
         self.pid = self.proc.pid
 
     def stop(self) -> None:

@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--concurrency", type=int, help="concurrent requests per mailbox (default 4)")
     s.add_argument("--window-requests", type=int, help="requests per mailbox per window (default 10000)")
     s.add_argument("--window-seconds", type=float, help="the window's length (default 600)")
+    s.add_argument("--upload-bytes", type=int, help="bytes of request bodies (POST/PUT/PATCH) per mailbox per "
+                   "upload window (default 157286400, Exchange's 150 MB)")
+    s.add_argument("--upload-window-seconds", type=float, help="the upload window's length (default 300)")
     s.add_argument("--idle-timeout", type=float, default=0, help="exit after this many idle seconds (0: never)")
     s.add_argument("--config-json", help="a whole SimConfig as JSON (other flags override it)")
     s.set_defaults(func=_serve)
@@ -90,7 +93,8 @@ def _serve(args: argparse.Namespace) -> int:
         d["faults"] = faults
         limits = dict(d.get("limits") or {})
         for flag, key in (("concurrency", "concurrent_per_mailbox"), ("window_requests", "window_requests"),
-                          ("window_seconds", "window_seconds")):
+                          ("window_seconds", "window_seconds"), ("upload_bytes", "upload_bytes"),
+                          ("upload_window_seconds", "upload_window_seconds")):
             if getattr(args, flag) is not None:
                 limits[key] = getattr(args, flag)
         d["limits"] = limits

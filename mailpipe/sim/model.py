@@ -2,7 +2,9 @@
 
 Deterministic from the seed: the same config gives the same ids, folders and message bytes. Messages
 are small metadata records (content is generated on demand by :mod:`mailpipe.sim.mime`), so 100k+
-message mailboxes fit in a few tens of MB.
+message mailboxes fit in a few tens of MB. Messages created through the Graph write API (restore) also
+carry what was posted (:mod:`mailpipe.sim.posted`), from which their MIME is rendered; they take ids
+from the same counter and their changes go through the same mutation log.
 
 Change tracking: each mailbox has a sequence counter; every change to a message (new, read, flag,
 move, draft edit) gives it a new sequence number and appends ``(seq, id)`` to its folder's change list;
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from mailpipe.sim import mime
+from mailpipe.sim import posted as posted_mod
+from mailpipe.sim import semantic
 
 WELL_KNOWN = [  # (well-known name, display name)
     ("inbox", "Inbox"), ("drafts", "Drafts"), ("sentitems", "Sent Items"), ("deleteditems", "Deleted Items"),
@@ -76,7 +80,7 @@ class SimConfigModel:
 
 class Msg:
     __slots__ = ("id", "n", "folder", "seq", "version", "is_read", "flag", "categories", "is_draft",
-                 "received", "huge", "change_n")
+                 "received", "huge", "change_n", "importance", "posted")
 
     def __init__(self, id: str, n: int, folder: str, seq: int, received: datetime, is_draft: bool, huge: bool):
         self.id = id
@@ -91,6 +95,8 @@ class Msg:
         self.received = received
         self.huge = huge
         self.change_n = 0
+        self.importance = "normal"
+        self.posted: posted_mod.Posted | None = None  # content of a message created through the write API
 
 
 @dataclass
@@ -127,6 +133,11 @@ class Mailbox:
         self.msgs: dict[str, Msg] = {}
         self.next_n = 0
         self.next_folder_n = 0
+        # lookups of the write API ($filter): internetMessageId (built on first use) and stored extended
+        # properties, (lower-cased value) -> message ids; entries may be stale, lookups re-check the item
+        self._imid_index: dict[str, set[str]] | None = None
+        self._prop_index: dict[tuple[str, str], set[str]] = {}
+        self._seeded_props: dict[str, dict[str, str]] = {}  # extended properties PATCHed onto seeded items
         keys: dict[str, str] = {}
         for wk, name in WELL_KNOWN:
             f = self._add_folder(name, self.root_id, wk)
@@ -172,6 +183,8 @@ class Mailbox:
         m = Msg(self._mid(n), n, folder, self._bump(), received, is_draft, huge)
         self.msgs[m.id] = m
         self.folders[folder].changes.append((m.seq, m.id))
+        if self._imid_index is not None:
+            self._index(m)
         return m
 
     def _touch(self, m: Msg) -> None:
@@ -214,12 +227,17 @@ class Mailbox:
         )
 
     def mime(self, m: Msg) -> bytes:
+        if m.posted is not None:
+            return posted_mod.render_cached(m.posted, m.id, m.seq, is_draft=m.is_draft, importance=m.importance,
+                                            owner=(self.user.display_name, self.user.upn))
         return mime.generate(self.spec(m))
 
     def change_key(self, m: Msg) -> str:
         return "CQAAAB" + hashlib.sha1(f"{m.id}:{m.seq}".encode()).hexdigest()[:20]
 
     def message_json(self, m: Msg, rest_id: str) -> dict[str, Any]:
+        if m.posted is not None:
+            return self._posted_json(m, rest_id)
         h = mime.headers_of(self.spec(m))
         received = m.received.strftime("%Y-%m-%dT%H:%M:%SZ")
         sender = {"emailAddress": {"name": h["sender_name"], "address": h["sender"]}}
@@ -235,7 +253,7 @@ class Mailbox:
             "hasAttachments": False,
             "internetMessageId": h["message_id"],
             "subject": h["subject"],
-            "importance": "normal",
+            "importance": m.importance,
             "parentFolderId": m.folder,
             "isRead": m.is_read,
             "isDraft": m.is_draft,
@@ -243,6 +261,167 @@ class Mailbox:
             "sender": sender,
             "flag": {"flagStatus": m.flag},
         }
+
+    # messages created through the write API ------------------------------------------------------------
+    def _posted_json(self, m: Msg, rest_id: str) -> dict[str, Any]:
+        p = m.posted
+        assert p is not None
+        c = p.content
+        owner = [self.user.display_name, self.user.upn]
+        frm = c["from"] or c["sender"] or owner
+        key = (c["body_type"], c["body"])
+        if p.preview is None or p.preview[0] != key:  # reducing HTML costs: once per body
+            text = semantic.html_to_text(c["body"]) if c["body_type"] == "html" else semantic.normalize_space(c["body"])
+            p.preview = (key, text[:255])
+
+        def ea(r: list[str]) -> dict[str, Any]:
+            return {"emailAddress": {"name": r[0], "address": r[1]}}
+
+        modified = max(p.modified, p.created + timedelta(seconds=m.change_n))
+        return {
+            "@odata.etag": f'W/"{self.change_key(m)}"',
+            "id": rest_id,
+            "createdDateTime": posted_mod.iso(p.created),
+            "lastModifiedDateTime": posted_mod.iso(modified),
+            "changeKey": self.change_key(m),
+            "categories": list(m.categories),
+            "receivedDateTime": posted_mod.iso(m.received),
+            "sentDateTime": posted_mod.iso(p.sent),
+            "hasAttachments": self.has_attachments(m),
+            "internetMessageId": c["internet_message_id"],
+            "subject": c["subject"],
+            "bodyPreview": p.preview[1],
+            "importance": m.importance,
+            "parentFolderId": m.folder,
+            "isRead": m.is_read,
+            "isDraft": m.is_draft,
+            "body": {"contentType": c["body_type"], "content": c["body"]},
+            "from": ea(frm),
+            "sender": ea(c["sender"] or frm),
+            "toRecipients": [ea(r) for r in c["to"]],
+            "ccRecipients": [ea(r) for r in c["cc"]],
+            "bccRecipients": [ea(r) for r in c["bcc"]],
+            "replyTo": [ea(r) for r in c["reply_to"]],
+            "flag": {"flagStatus": m.flag},
+        }
+
+    def has_attachments(self, m: Msg) -> bool:
+        """Graph's ``hasAttachments``: inline attachments do not count (seeded items always answer false)."""
+        return m.posted is not None and any(not a.is_inline for a in m.posted.attachments)
+
+    def sent(self, m: Msg) -> datetime:
+        return m.posted.sent if m.posted is not None else m.received
+
+    def subject(self, m: Msg) -> str:
+        return m.posted.content["subject"] if m.posted is not None else mime.headers_of(self.spec(m))["subject"]
+
+    def internet_message_id(self, m: Msg) -> str | None:
+        if m.posted is not None:
+            return m.posted.content["internet_message_id"]
+        return mime.headers_of(self.spec(m))["message_id"]
+
+    def stored_props(self, m: Msg) -> dict[str, str]:
+        return m.posted.content["props"] if m.posted is not None else self._seeded_props.get(m.id, {})
+
+    def ext_props(self, m: Msg) -> dict[str, str]:
+        """Every single-value extended property of an item, canonical id -> value: the stored ones, plus
+        PidTagMessageFlags, PidTagMessageDeliveryTime and PidTagClientSubmitTime as the item's state is now."""
+        out = dict(self.stored_props(m))
+        keep = posted_mod.int_prop(out.get(posted_mod.PROP_FLAGS, "0")) & ~(
+            posted_mod.MF_READ | posted_mod.MF_UNSENT | posted_mod.MF_HASATTACH)
+        out[posted_mod.PROP_FLAGS] = str(keep | (posted_mod.MF_READ if m.is_read else 0) |
+                                         (posted_mod.MF_UNSENT if m.is_draft else 0) |
+                                         (posted_mod.MF_HASATTACH if self.has_attachments(m) else 0))
+        out[posted_mod.PROP_DELIVERY] = posted_mod.iso(m.received)
+        out[posted_mod.PROP_SUBMIT] = posted_mod.iso(self.sent(m))
+        return out
+
+    def _index(self, m: Msg) -> None:
+        if self._imid_index is not None:
+            self._imid_index.setdefault((self.internet_message_id(m) or "").lower(), set()).add(m.id)
+        for pid, v in self.stored_props(m).items():
+            self._prop_index.setdefault((pid, v.lower()), set()).add(m.id)
+
+    def candidates(self, imid: str | None = None, prop: tuple[str, str] | None = None) -> list[Msg]:
+        """The items that may have this internetMessageId or stored extended property value (a superset: the
+        caller checks), or every item."""
+        with self.lock:
+            if imid is not None:
+                if self._imid_index is None:
+                    self._imid_index = {}
+                    for m in self.msgs.values():
+                        self._imid_index.setdefault((self.internet_message_id(m) or "").lower(), set()).add(m.id)
+                ids = self._imid_index.get(imid.lower(), set())
+            elif prop is not None:
+                ids = self._prop_index.get((prop[0], prop[1].lower()), set())
+            else:
+                return list(self.msgs.values())
+            return [self.msgs[i] for i in sorted(ids) if i in self.msgs]
+
+    def _post(self, op: dict[str, Any]) -> str:
+        fid = self.folder_id(op["folder"])
+        at = posted_mod.parse_time(op["at"])
+        content = dict(op["message"])
+        n = self.next_n
+        self.next_n += 1
+        mid = self._mid(n)
+        if not content.get("internet_message_id"):  # Exchange gives every new item one
+            h = hashlib.sha1(f"{self.model.cfg.seed}:{mid}".encode()).hexdigest()[:32].upper()
+            content["internet_message_id"] = f"<{h}@{self.model.domain}>"
+        p = posted_mod.make_posted(content, at)
+        is_draft, is_read, received, _ = posted_mod.derive(p.content, at)
+        m = Msg(mid, n, fid, self._bump(), received, is_draft, False)
+        m.is_read, m.flag, m.categories = is_read, content["flag"], tuple(content["categories"])
+        m.importance, m.posted = content["importance"], p
+        self.msgs[mid] = m
+        self.folders[fid].changes.append((m.seq, mid))
+        self._index(m)
+        return mid
+
+    def _add_attachment(self, op: dict[str, Any]) -> str:
+        m = self.msgs.get(op["id"])
+        if m is None or m.posted is None:
+            raise NotFound(op["id"])
+        at = posted_mod.parse_time(op["at"])
+        m.posted.attachments.append(posted_mod.make_att(op["attachment"], at))
+        m.posted.modified = at
+        self._touch(m)
+        return f"AAMkATT{len(m.posted.attachments) - 1}="
+
+    def _update(self, op: dict[str, Any]) -> str:
+        """A PATCH, already checked by the server (draft-only properties only on drafts)."""
+        m = self.msgs.get(op["id"])
+        if m is None:
+            raise NotFound(op["id"])
+        ch, at = op["changes"], posted_mod.parse_time(op["at"])
+        if "is_read" in ch:
+            m.is_read = ch["is_read"]
+        if "flag" in ch:
+            m.flag = ch["flag"]
+        if "categories" in ch:
+            m.categories = tuple(ch["categories"])
+        if "importance" in ch:
+            m.importance = ch["importance"]
+        props = {k: v for k, v in ch.get("props", {}).items() if k != posted_mod.PROP_FLAGS}  # fixed once saved
+        if posted_mod.PROP_DELIVERY in props:
+            m.received = posted_mod.parse_time(props.pop(posted_mod.PROP_DELIVERY))
+        p = m.posted
+        if p is not None:
+            if posted_mod.PROP_SUBMIT in props:
+                p.sent = posted_mod.parse_time(props.pop(posted_mod.PROP_SUBMIT))
+            for k in ("subject", "body_type", "body", "from", "sender", "to", "cc", "bcc", "reply_to"):
+                if k in ch:
+                    p.content[k] = ch[k]
+            if ch.get("internet_message_id"):
+                p.content["internet_message_id"] = ch["internet_message_id"]
+            p.content["props"] = {**p.content["props"], **props}
+            p.modified = at
+        elif props:
+            props.pop(posted_mod.PROP_SUBMIT, None)
+            self._seeded_props[m.id] = {**self._seeded_props.get(m.id, {}), **props}
+        self._touch(m)
+        self._index(m)
+        return m.id
 
     def folder_counts(self) -> dict[str, tuple[int, int]]:
         """{folder id: (total, unread)} in one pass."""
@@ -349,9 +528,11 @@ class Mailbox:
                         elif kind == "categorize":
                             m.categories = tuple(sorted(set(m.categories) | {op.get("category", "Blue category")}))
                         elif kind == "edit_draft":
-                            if not m.is_draft:
+                            if not m.is_draft or m.posted is not None:
                                 continue
                             m.version += 1
+                            if self._imid_index is not None:
+                                self._index(m)
                         self._touch(m)
                     done.append(mid)
                 return done
@@ -382,6 +563,12 @@ class Mailbox:
                     del self.folders[sub]
                     self.folder_departures.append((self._bump(), sub))
                 return fid
+            if kind == "post_message":
+                return self._post(op)
+            if kind == "add_attachment":
+                return self._add_attachment(op)
+            if kind == "update_message":
+                return self._update(op)
             if kind == "expire_delta_tokens":
                 self.token_epoch += 1
                 return self.token_epoch
@@ -535,7 +722,11 @@ class TenantModel:
                 self.mutate(e["user"], e["ops"], persist=False)
 
     # ground truth -----------------------------------------------------------------------------------
-    def truth(self, user_ref: str | None = None, with_hashes: bool = True) -> dict[str, Any]:
+    def truth(self, user_ref: str | None = None, with_hashes: bool = True,
+              semantic_view: bool = False) -> dict[str, Any]:
+        """Every mailbox as it is now. ``with_hashes``: each item's MIME size, sha256 and internetMessageId
+        (generates every item's MIME). ``semantic_view``: each item's ``semantic`` dict, what a person sees
+        (:func:`mailpipe.sim.semantic.summarize` of its MIME plus read, draft, flag, categories and times)."""
         out: dict[str, Any] = {"tenant": self.cfg.tenant, "tenant_id": self.tenant_id, "mailboxes": {}}
         for uid, mb in self.mailboxes.items():
             if user_ref and user_ref.lower() not in (uid, mb.user.upn.lower()):
@@ -547,11 +738,18 @@ class TenantModel:
                 for m in msgs:
                     it = {"id": m.id, "folder_id": m.folder, "folder_path": mb.path(m.folder),
                           "is_read": m.is_read, "is_draft": m.is_draft}
-                    items.append((m, it))
-            for m, it in items:
-                if with_hashes:
+                    state = {"is_read": m.is_read, "is_draft": m.is_draft, "flag_status": m.flag,
+                             "categories": list(m.categories), "received_at": posted_mod.iso(m.received),
+                             "sent_at": posted_mod.iso(mb.sent(m))}
+                    items.append((m, it, state))
+            for m, it, state in items:
+                if with_hashes or semantic_view:
                     data = mb.mime(m)
+                if with_hashes:
                     it["size"] = len(data)
                     it["sha256"] = hashlib.sha256(data).hexdigest()
-            out["mailboxes"][mb.user.upn] = {"id": uid, "folders": folders, "items": [it for _, it in items]}
+                    it["internet_message_id"] = mb.internet_message_id(m)
+                if semantic_view:
+                    it["semantic"] = {**semantic.summarize(data), **state}
+            out["mailboxes"][mb.user.upn] = {"id": uid, "folders": folders, "items": [it for _, it, _ in items]}
         return out

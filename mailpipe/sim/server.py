@@ -12,12 +12,14 @@ import base64
 import email
 import email.policy
 import hashlib
+import math
 import random
 import re
 import secrets
 import time
 from collections import defaultdict, deque
 from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import quote
 
@@ -25,7 +27,9 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from mailpipe.sim import posted
 from mailpipe.sim.model import Mailbox, Msg, NotFound, TenantModel, TokenError
+from mailpipe.sim.posted import MAX_REQUEST_BYTES, GraphError
 
 
 def _checked(cls: Any, d: dict[str, Any], what: str) -> Any:
@@ -105,11 +109,17 @@ class FaultConfig:
 
 @dataclass
 class LimitConfig:
+    """Exchange's per-mailbox limits (docs/SIMULATOR.md): concurrency, a sliding request window, and the upload
+    budget of the write API (request bodies of POST/PUT/PATCH, upload-URL PUTs included)."""
+
     concurrent_per_mailbox: int = 4
     window_requests: int = 10000
     window_seconds: float = 600.0
     max_page_size: int = 1000
     default_page_size: int = 10
+    upload_bytes: int = 150 * 1024 * 1024       # 157,286,400 bytes of request bodies...
+    upload_window_seconds: float = 300.0        # ...per 5 minutes, sliding
+    upload_session_seconds: float = 900.0       # lifetime of an attachment upload session (not extended by PUTs)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LimitConfig:
@@ -132,12 +142,32 @@ def _item_error(status: int, message: str) -> web.Response:
 
 
 class _MailboxCounters:
-    __slots__ = ("inflight", "max_seen", "window")
+    __slots__ = ("inflight", "max_seen", "window", "uploads", "upload_sum")
 
     def __init__(self) -> None:
         self.inflight = 0
         self.max_seen = 0
         self.window: deque[float] = deque()
+        self.uploads: deque[tuple[float, int]] = deque()  # (time, request body bytes) in the upload window
+        self.upload_sum = 0
+
+
+@dataclass
+class _UploadSession:
+    """An attachment upload session: the bytes received so far (in order) and where it belongs."""
+
+    id: str
+    token: str
+    user_id: str
+    message_id: str  # immutable id
+    name: str
+    size: int
+    content_type: str
+    is_inline: bool
+    content_id: str | None
+    expires: float  # monotonic
+    expires_iso: str
+    buf: bytearray = field(default_factory=bytearray)
 
 
 def _oauth_error(error: str, code: int, description: str) -> web.Response:
@@ -168,9 +198,15 @@ class SimServer:
         self.tokens: dict[str, float] = {}  # issued access token -> expiry (monotonic)
         self.last_request = time.monotonic()
         self.counters: dict[str, _MailboxCounters] = defaultdict(_MailboxCounters)
+        self.upload_sessions: dict[str, _UploadSession] = {}
         self.reset_stats()
-        self.app = web.Application(client_max_size=4 * 1024 * 1024)
+        self.app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
+        # the upload URLs of attachment sessions live on another origin, as Exchange's do (outlook.office.com):
+        # the embedding code serves this app on a second 127.0.0.1 port and sets upload_base_url
+        self.upload_app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        self.upload_app.router.add_route("*", "/{tail:.*}", self.handle_upload)
+        self.upload_base_url = ""
 
     # stats --------------------------------------------------------------------------------------------
     def reset_stats(self) -> None:
@@ -180,6 +216,18 @@ class SimServer:
         self.bytes_served: dict[str, int] = defaultdict(int)
         self.mime_downloads: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.total = 0
+        # the write API
+        self.uploaded_bytes: dict[str, int] = defaultdict(int)
+        self.created_messages: dict[str, int] = defaultdict(int)
+        self.created_folders: dict[str, int] = defaultdict(int)
+        self.attachments_added: dict[str, int] = defaultdict(int)
+        self.updated_messages: dict[str, int] = defaultdict(int)
+        self.deleted_messages: dict[str, int] = defaultdict(int)
+        self.upload_puts: dict[str, int] = defaultdict(int)
+        self.upload_ranges: dict[str, dict[str, list[list[int]]]] = defaultdict(lambda: defaultdict(list))
+        self.upload_session_info: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+        self.upload_with_bearer: dict[str, int] = defaultdict(int)
+        self.upload_throttled: dict[str, int] = defaultdict(int)
         for c in getattr(self, "counters", {}).values():
             c.max_seen = c.inflight
 
@@ -193,6 +241,14 @@ class SimServer:
             "faults_injected": {upn.get(k, k): dict(v) for k, v in self.injected.items()},
             "bytes_served": {upn.get(k, k): v for k, v in self.bytes_served.items()},
             "mime_downloads": {upn.get(k, k): dict(v) for k, v in self.mime_downloads.items()},
+            **{name: {upn.get(k, k): v for k, v in getattr(self, name).items()}
+               for name in ("uploaded_bytes", "created_messages", "created_folders", "attachments_added",
+                            "updated_messages", "deleted_messages", "upload_puts", "upload_with_bearer",
+                            "upload_throttled")},
+            "upload_ranges": {upn.get(k, k): {sid: [list(r) for r in rs] for sid, rs in v.items()}
+                              for k, v in self.upload_ranges.items()},
+            "upload_sessions": {upn.get(k, k): {sid: dict(i) for sid, i in v.items()}
+                                for k, v in self.upload_session_info.items()},
         }
 
     # entry point --------------------------------------------------------------------------------------
@@ -319,13 +375,18 @@ class SimServer:
             self.requests["_tenant"]["users"] += 1
             self.total += 1
             return web.json_response(self.user_json(user, request.query.get("$select")))
-        kind = _kind(low[2:])
+        kind = _kind(low[2:], request.method, "$filter" in request.query)
         self.total += 1
         self.requests[user.id][kind] += 1
         mb = self.model.mailboxes.get(user.id)
         if mb is None:
             return graph_error(404, "MailboxNotEnabledForRESTAPI", "The mailbox is either inactive, soft-deleted, "
                                                                    "or is hosted on-premise.")
+        return await self._limited(user, lambda: self.mailbox_route(request, mb, segs[2:], low[2:]))
+
+    async def _limited(self, user: Any, call: Any) -> web.StreamResponse:
+        """``call()`` under the mailbox's limits and injected faults, as Exchange admits every request to a
+        mailbox (Graph's, and the upload URL's PUTs)."""
         # per-mailbox limits, as Exchange enforces them (counted before admission: what clients attempted)
         c = self.counters[user.id]
         c.inflight += 1
@@ -367,7 +428,7 @@ class SimServer:
                         return graph_error(504, "GatewayTimeout", "The gateway timed out.")
                     raise _Reset()
                 r -= p
-            return await self.mailbox_route(request, mb, segs[2:], low[2:])
+            return await call()
         finally:
             c.inflight -= 1
 
@@ -392,6 +453,10 @@ class SimServer:
     async def mailbox_route(self, request: web.Request, mb: Mailbox, segs: list[str], low: list[str]):
         immutable = "immutableid" in request.headers.get("Prefer", "").lower()
         try:
+            if request.method not in ("GET", "HEAD"):
+                return await self.write_route(request, mb, segs, low, immutable)
+            if low == ["messages"]:
+                return self.message_list(request, mb, None, immutable)
             if low[:1] == ["mailfolders"]:
                 if len(segs) == 1:
                     return self.folder_list(request, mb, mb.root_id)
@@ -412,6 +477,8 @@ class SimServer:
                 return await self.message_route(request, mb, segs[1:], low[1:], immutable)
         except NotFound as e:
             return graph_error(404, "ErrorItemNotFound", f"The specified object was not found in the store. ({e})")
+        except GraphError as e:
+            return graph_error(e.status, e.code, e.message)
         return graph_error(400, "BadRequest", "Unsupported segment.")
 
     # folders --------------------------------------------------------------------------------------------
@@ -521,17 +588,39 @@ class SimServer:
     def _rest_id_removed(self, mid: str, immutable: bool) -> str:
         return mid  # Graph reports removals with the id the client knew; with immutable ids that is this one
 
-    def message_list(self, request: web.Request, mb: Mailbox, fid: str, immutable: bool) -> web.Response:
-        top = min(int(request.query.get("$top", "10")), 1000)
-        skip = int(request.query.get("$skip", "0") or 0)
+    def message_list(self, request: web.Request, mb: Mailbox, fid: str | None, immutable: bool) -> web.Response:
+        """A folder's messages (``fid``) or the whole mailbox's, newest first, with ``$top``/``$skip`` paging,
+        ``$select``, ``$filter`` (the collision lookups: :func:`posted.parse_filter`) and ``$expand`` of
+        extended properties."""
+        q = request.query
+        top = min(int(q.get("$top", "10")), 1000)
+        skip = int(q.get("$skip", "0") or 0)
+        pred, hint = posted.parse_filter(q["$filter"]) if q.get("$filter") else (None, None)
+        expand = q.get("$expand")
+        want = posted.parse_expand(expand) if expand else None
         with mb.lock:
-            msgs = sorted((m for m in mb.msgs.values() if m.folder == fid), key=lambda m: (m.received, m.id),
-                          reverse=True)
-            page = [mb.message_json(m, self._rest_id(m, immutable)) for m in msgs[skip:skip + top]]
+            cands = mb.candidates(**hint) if hint else mb.msgs.values()
+            msgs = sorted((m for m in cands if (fid is None or m.folder == fid) and (pred is None or pred(mb, m))),
+                          key=lambda m: (m.received, m.id), reverse=True)
+            page = [self._message_out(mb, m, immutable, q.get("$select"), expand is not None, want)
+                    for m in msgs[skip:skip + top]]
         body: dict[str, Any] = {"value": page}
         if skip + top < len(msgs):
-            body["@odata.nextLink"] = f"{self.base_url}{request.path}?$top={top}&$skip={skip + top}"
+            extra = "".join(f"&{k}={quote(q[k], safe='')}" for k in ("$select", "$filter", "$expand") if q.get(k))
+            body["@odata.nextLink"] = f"{self.base_url}{request.path}?$top={top}&$skip={skip + top}{extra}"
         return web.json_response(body)
+
+    def _message_out(self, mb: Mailbox, m: Msg, immutable: bool, select: str | None, expand: bool,
+                     want: set[str] | None) -> dict[str, Any]:
+        """A message's JSON with ``$select`` applied and, when ``expand``, the wanted extended properties
+        (``want``; None: all). Graph leaves ``singleValueExtendedProperties`` out when none matches."""
+        d = _select(mb.message_json(m, self._rest_id(m, immutable)), select)
+        if expand:
+            vals = [{"id": pid, "value": v} for pid, v in sorted(mb.ext_props(m).items())
+                    if want is None or pid in want]
+            if vals:
+                d["singleValueExtendedProperties"] = vals
+        return d
 
     async def message_route(self, request: web.Request, mb: Mailbox, segs: list[str], low: list[str],
                             immutable: bool) -> web.StreamResponse:
@@ -539,8 +628,11 @@ class SimServer:
         if m.id in self.faults.fail_messages:
             return _item_error(int(self.faults.fail_messages[m.id]), "Injected failure for this item.")
         if len(segs) == 1:
-            return web.json_response(_select(mb.message_json(m, self._rest_id(m, immutable)),
-                                             request.query.get("$select")))
+            expand = request.query.get("$expand")
+            want = posted.parse_expand(expand) if expand else None
+            with mb.lock:
+                d = self._message_out(mb, m, immutable, request.query.get("$select"), expand is not None, want)
+            return web.json_response(d)
         if low[1] == "$value" and len(segs) == 2:
             faulty = self._value_fault(mb, m)
             if faulty is not None:
@@ -552,7 +644,7 @@ class SimServer:
                 return await self._trickle(request, mb, m.id, data, "text/plain")
             return await self._send_bytes(request, mb, data, "text/plain", watch=m.id)
         if low[1] == "attachments":
-            atts = _attachments(mb.mime(m))
+            atts = self._attachment_list(mb, m)
             if len(segs) == 2:
                 return web.json_response({"value": [_att_json(i, a, with_bytes=len(a[2]) < 3_000_000)
                                                     for i, a in enumerate(atts)]})
@@ -645,6 +737,293 @@ class SimServer:
             self.injected[mb.user.id]["deleted_mid_body"] += 1
             raise _Reset()
 
+    # the write API (restore) ---------------------------------------------------------------------------------
+    async def write_route(self, request: web.Request, mb: Mailbox, segs: list[str], low: list[str],
+                          immutable: bool) -> web.StreamResponse:
+        """POST/PATCH/DELETE of the write API. The body is read (413 above Graph's 4 MB), charged to the
+        mailbox's upload budget (429 beyond it), then the change goes through the model's mutation log."""
+        method = request.method
+        raw = b""
+        if method in ("POST", "PATCH", "PUT"):
+            raw, n = await _read_body(request, MAX_REQUEST_BYTES)
+            if raw is None:
+                return _too_large(n)
+            refused = self._charge_upload(mb.user.id, n)
+            if refused is not None:
+                return refused
+        folder_ref = "drafts"  # POST /messages creates in Drafts
+        if low[0] == "mailfolders":
+            if len(low) == 1 and method == "POST":
+                return await self.create_folder(request, mb, mb.root_id, raw)
+            if len(low) == 3 and low[2] == "childfolders" and method == "POST":
+                return await self.create_folder(request, mb, mb.folder_id(segs[1]), raw)
+            if len(low) >= 3 and low[2] == "messages":
+                folder_ref = segs[1]
+                segs, low = segs[2:], low[2:]
+        if low[0] == "messages":
+            if len(low) == 1 and method == "POST":
+                return await self.create_message(request, mb, raw, immutable, mb.folder_id(folder_ref))
+            if len(low) >= 2:
+                return await self.message_write(request, mb, segs[1:], low[1:], raw, immutable)
+        return graph_error(405, "ErrorInvalidRequest", f"The simulator does not support {method} on this resource.")
+
+    def _charge_upload(self, uid: str, n: int) -> web.Response | None:
+        """Charge ``n`` request-body bytes to the mailbox's upload budget (sliding ``upload_window_seconds``);
+        beyond ``upload_bytes``: 429 with ``Retry-After`` = seconds until enough of the budget frees. A request
+        when nothing is charged in the window is always admitted (so one bigger than the budget can pass)."""
+        if n <= 0:
+            return None
+        c, lim = self.counters[uid], self.limits
+        now = time.monotonic()
+        while c.uploads and c.uploads[0][0] <= now - lim.upload_window_seconds:
+            c.upload_sum -= c.uploads.popleft()[1]
+        if c.uploads and c.upload_sum + n > lim.upload_bytes:
+            need, freed, wait = c.upload_sum + n - lim.upload_bytes, 0, 0.0
+            for t, k in c.uploads:
+                freed += k
+                wait = t + lim.upload_window_seconds - now
+                if freed >= need:
+                    break
+            self.throttled[uid] += 1
+            self.upload_throttled[uid] += 1
+            return graph_error(429, "ApplicationThrottled",
+                               f"Application is over its MailboxUploadLimit limit ({lim.upload_bytes} bytes of "
+                               f"request bodies per {lim.upload_window_seconds:g} s).",
+                               {"Retry-After": str(max(1, math.ceil(wait)))})
+        c.uploads.append((now, n))
+        c.upload_sum += n
+        self.uploaded_bytes[uid] += n
+        return None
+
+    async def _apply(self, mb: Mailbox, ops: list[dict[str, Any]], big: bool = False) -> list[Any]:
+        """Apply (and log, with ``state_dir``) ops through the model; big ones off the event loop."""
+        if big:
+            return await asyncio.get_running_loop().run_in_executor(None, self.model.mutate, mb.user.id, ops)
+        return self.model.mutate(mb.user.id, ops)
+
+    async def create_folder(self, request: web.Request, mb: Mailbox, parent: str, raw: bytes) -> web.Response:
+        body = _json_body(raw)
+        for k in body:
+            if k not in ("displayName", "isHidden") and not k.startswith("@odata."):
+                raise posted._no_such_property(k, "microsoft.graph.mailFolder")
+        name = body.get("displayName")
+        if not isinstance(name, str) or not name.strip():
+            raise GraphError(400, "ErrorInvalidRequest", "A folder needs a non-empty 'displayName'.")
+        with mb.lock:  # the check and the creation at once (no await in between)
+            if any(f.name.casefold() == name.casefold() for f in mb.children(parent)):
+                return graph_error(409, "ErrorFolderExists", "A folder with the specified name already exists.")
+            fid = self.model.mutate(mb.user.id, [{"op": "create_folder", "parent": parent, "name": name}])[0]
+            d = mb.folder_json(mb.folders[fid], mb.folder_counts())
+        self.created_folders[mb.user.id] += 1
+        return web.json_response({"@odata.context": f"{self.base_url}/v1.0/$metadata#users('{mb.user.id}')/"
+                                                    "mailFolders/$entity", **d}, status=201)
+
+    async def create_message(self, request: web.Request, mb: Mailbox, raw: bytes, immutable: bool,
+                             folder: str) -> web.Response:
+        """POST a message JSON (Exchange's rules: :mod:`mailpipe.sim.posted`) → 201 with the new item."""
+        if request.content_type == "text/plain":
+            raise GraphError(400, "ErrorInvalidRequest", "The simulator does not implement creating a message from "
+                             "base64 MIME (Content-Type: text/plain; Exchange makes such an item a draft): post the "
+                             "message as JSON.")
+        content = posted.parse_message(_json_body(raw))
+        op = {"op": "post_message", "folder": folder, "message": content, "at": _now()}
+        mid = (await self._apply(mb, [op], big=len(raw) > 1024 * 1024))[0]
+        self.created_messages[mb.user.id] += 1
+        self.attachments_added[mb.user.id] += len(content["attachments"])
+        with mb.lock:
+            d = mb.message_json(mb.msgs[mid], self._rest_id(mb.msgs[mid], immutable))
+        return web.json_response({"@odata.context": f"{self.base_url}/v1.0/$metadata#users('{mb.user.id}')/"
+                                                    "messages/$entity", **d}, status=201)
+
+    async def message_write(self, request: web.Request, mb: Mailbox, segs: list[str], low: list[str], raw: bytes,
+                            immutable: bool) -> web.StreamResponse:
+        m = self._resolve(mb, segs[0])
+        if m.id in self.faults.fail_messages:
+            return _item_error(int(self.faults.fail_messages[m.id]), "Injected failure for this item.")
+        method, rest = request.method, low[1:]
+        uid = mb.user.id
+        if not rest and method == "PATCH":
+            return await self.update_message(mb, m, _json_body(raw), immutable)
+        if (not rest and method == "DELETE") or (len(rest) == 1 and rest[0] in _DELETE_ACTIONS and method == "POST"):
+            await self._apply(mb, [{"op": "delete", "ids": [m.id]}])
+            self.deleted_messages[uid] += 1
+            return web.Response(status=204)
+        if rest == ["attachments"] and method == "POST":
+            _need_posted(m)
+            att = posted.parse_attachment(_json_body(raw))
+            aid = (await self._apply(mb, [{"op": "add_attachment", "id": m.id, "attachment": att, "at": _now()}],
+                                     big=len(raw) > 1024 * 1024))[0]
+            self.attachments_added[uid] += 1
+            with mb.lock:
+                idx = _att_index(aid, len(m.posted.attachments))
+                a = m.posted.attachments[idx]
+                d = _att_json(idx, _att_tuple(mb, m, idx), with_bytes=a.kind == "file")
+            d["lastModifiedDateTime"] = posted.iso(a.modified)
+            return web.json_response({"@odata.context": f"{self.base_url}/v1.0/$metadata#users('{uid}')/messages"
+                                                        f"('{segs[0]}')/attachments/$entity", **d}, status=201)
+        if len(rest) == 2 and rest[0] == "attachments" and rest[1] in _WRITE_ACTIONS and method == "POST":
+            _need_posted(m)
+            return self.create_upload_session(mb, m, segs[0], _json_body(raw))
+        return graph_error(405, "ErrorInvalidRequest", f"The simulator does not support {method} on this resource.")
+
+    async def update_message(self, mb: Mailbox, m: Msg, body: dict[str, Any], immutable: bool) -> web.Response:
+        """PATCH: isRead, flag, categories, importance and extended properties on any item; subject, body,
+        internetMessageId and the addresses only on a draft (a non-draft: 400
+        ``ErrorInvalidPropertyUpdateSentMessage``, as Exchange answers)."""
+        changes = posted.parse_message(body, patch=True)
+        draft_only = sorted(k for k in body if k in posted.PATCH_DRAFT_ONLY)
+        if draft_only and not m.is_draft:
+            raise GraphError(400, "ErrorInvalidPropertyUpdateSentMessage",
+                             f"Update operation is not allowed on a sent (non-draft) message for the property "
+                             f"'{draft_only[0]}'.")
+        if draft_only and m.posted is None:
+            raise GraphError(400, "ErrorInvalidRequest", "The simulator cannot change the content of its seeded "
+                             "drafts through PATCH (use /_sim/mutate edit_draft).")
+        await self._apply(mb, [{"op": "update_message", "id": m.id, "changes": changes, "at": _now()}])
+        self.updated_messages[mb.user.id] += 1
+        with mb.lock:
+            d = mb.message_json(m, self._rest_id(m, immutable))
+        return web.json_response(d)
+
+    def create_upload_session(self, mb: Mailbox, m: Msg, rest_id: str, body: dict[str, Any]) -> web.Response:
+        """``attachments/createUploadSession``: an upload URL on the other origin carrying its own token."""
+        item = next((v for k, v in body.items() if k.lower() == "attachmentitem"), None)
+        if not isinstance(item, dict):
+            raise GraphError(400, "ErrorInvalidRequest", "createUploadSession needs an 'AttachmentItem'.")
+        if str(item.get("attachmentType", "file")).lower() != "file":
+            raise GraphError(400, "ErrorInvalidRequest", "The simulator only creates upload sessions for file "
+                             "attachments (attachmentType 'file').")
+        size, name = item.get("size"), item.get("name")
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or not isinstance(name, str):
+            raise GraphError(400, "ErrorInvalidRequest", "AttachmentItem needs 'name' and a positive 'size'.")
+        if size < posted.UPLOAD_SESSION_MIN_BYTES:
+            raise GraphError(400, "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize",
+                             f"Attachment size should not be less than {posted.UPLOAD_SESSION_MIN_BYTES} bytes: POST "
+                             "a smaller file as a fileAttachment instead.")
+        if size > posted.UPLOAD_SESSION_MAX_BYTES:
+            raise GraphError(400, "ErrorAttachmentSizeLimitExceeded",
+                             f"Attachment size should not be more than {posted.UPLOAD_SESSION_MAX_BYTES} bytes.")
+        inline = item.get("isInline", False)
+        if not isinstance(inline, bool):
+            raise GraphError(400, "ErrorInvalidRequest", "'isInline' must be true or false.")
+        self._expire_sessions()
+        sid = "AAMkAS" + secrets.token_urlsafe(24)
+        life = self.limits.upload_session_seconds
+        expires_iso = posted.iso(datetime.now(timezone.utc) + timedelta(seconds=life))
+        sess = _UploadSession(sid, secrets.token_urlsafe(32), mb.user.id, m.id, name, size,
+                              posted.clean_content_type(item.get("contentType")), inline,
+                              posted._cid(item.get("contentId")), time.monotonic() + life, expires_iso)
+        self.upload_sessions[sid] = sess
+        self.upload_session_info[mb.user.id][sid] = {"message_id": m.id, "name": name, "size": size,
+                                                     "received": 0, "state": "open", "attachment_id": None}
+        self.upload_ranges[mb.user.id][sid] = []
+        url = (f"{self.upload_base_url}/api/v2.0/Users('{mb.user.id}@{self.model.tenant_id}')/Messages('{rest_id}')"
+               f"/AttachmentSessions('{sid}')?authtoken={sess.token}")
+        return web.json_response({"@odata.context": f"{self.base_url}/v1.0/$metadata#microsoft.graph.uploadSession",
+                                  "uploadUrl": url, "expirationDateTime": expires_iso,
+                                  "nextExpectedRanges": ["0-"]}, status=201)
+
+    def _expire_sessions(self) -> None:
+        now = time.monotonic()
+        for sid, sess in list(self.upload_sessions.items()):
+            if sess.expires <= now:
+                del self.upload_sessions[sid]
+                self.upload_session_info[sess.user_id][sid]["state"] = "expired"
+
+    def _attachment_list(self, mb: Mailbox, m: Msg) -> list[tuple[str, str, bytes, bool, str | None]]:
+        if m.posted is None:
+            return _attachments(mb.mime(m))
+        return [_att_tuple(mb, m, i) for i in range(len(m.posted.attachments))]
+
+    # the upload origin ---------------------------------------------------------------------------------------
+    async def handle_upload(self, request: web.Request) -> web.StreamResponse:
+        """PUT/DELETE on an upload URL (the second listener). Its token is in the URL: a request that also
+        carries an ``Authorization`` header is refused (401, ``upload_with_bearer``): a client must not send
+        its Graph token to another origin. Admitted under the mailbox's limits and faults like a Graph request
+        (kind ``upload``); every PUT's body is charged to the upload budget."""
+        self.last_request = time.monotonic()
+        from urllib.parse import unquote
+
+        path = unquote(re.sub(r"/+", "/", request.rel_url.raw_path))
+        mt = re.fullmatch(r"/api/v2\.0/Users\('([^']*)'\)/Messages\('([^']*)'\)/AttachmentSessions\('([^']*)'\)/?",
+                          path, re.I)
+        self._expire_sessions()
+        sess = self.upload_sessions.get(mt.group(3)) if mt else None
+        who = sess.user_id if sess else "_unknown"
+        try:
+            if "Authorization" in request.headers:
+                self.upload_with_bearer[who] += 1
+                await _read_body(request, 0)
+                return graph_error(401, "InvalidAudience", "This upload URL is pre-authenticated (authtoken): "
+                                   "requests to it must not carry an Authorization header.")
+            if sess is None or not mt.group(1).lower().startswith(sess.user_id):
+                await _read_body(request, 0)
+                return graph_error(404, "ErrorItemNotFound", "The upload session was not found or has expired.")
+            if not secrets.compare_digest(request.query.get("authtoken", ""), sess.token):
+                await _read_body(request, 0)
+                return graph_error(401, "InvalidAuthenticationToken", "The upload URL's token is not valid.")
+            user = self.model.user(sess.user_id)
+            self.total += 1
+            self.requests[user.id]["upload"] += 1
+            return await self._limited(user, lambda: self._upload(request, sess))
+        except _Reset:
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError() from None
+
+    async def _upload(self, request: web.Request, sess: _UploadSession) -> web.StreamResponse:
+        uid, info = sess.user_id, self.upload_session_info[sess.user_id][sess.id]
+        if request.method == "DELETE":
+            self.upload_sessions.pop(sess.id, None)
+            info["state"] = "cancelled"
+            return web.Response(status=204)
+        if request.method != "PUT":
+            return graph_error(405, "ErrorInvalidRequest", "An upload URL takes PUT (a byte range) or DELETE.")
+        self.upload_puts[uid] += 1
+        data, n = await _read_body(request, MAX_REQUEST_BYTES)
+        if data is None:
+            return _too_large(n)
+        refused = self._charge_upload(uid, n)
+        if refused is not None:
+            return refused
+        cr = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+)\s*", request.headers.get("Content-Range", ""))
+        if cr is None:
+            return graph_error(400, "ErrorInvalidRequest", "A PUT needs 'Content-Range: bytes {start}-{end}/{total}'.")
+        a, b, total = (int(x) for x in cr.groups())
+        if total != sess.size or b < a or b >= total or b - a + 1 != len(data):
+            return graph_error(400, "ErrorInvalidRequest", f"Content-Range bytes {a}-{b}/{total} does not match the "
+                               f"session (size {sess.size}) or the body ({len(data)} bytes).")
+        if sess.id not in self.upload_sessions:  # cancelled or expired while the body was read
+            return graph_error(404, "ErrorItemNotFound", "The upload session was not found or has expired.")
+        nxt = len(sess.buf)
+        if a > nxt:
+            return graph_error(416, "ErrorInvalidRequest", f"Bytes must be uploaded in order: the next expected "
+                               f"byte is {nxt}, this range starts at {a}.")
+        self.upload_ranges[uid][sess.id].append([a, b])
+        if b >= nxt:
+            sess.buf += data[nxt - a:]
+            info["received"] = len(sess.buf)
+        if len(sess.buf) < sess.size:
+            return web.json_response({
+                "@odata.context": f"{self.upload_base_url}/api/v2.0/$metadata#Users('{uid}')/Messages("
+                                  f"'{sess.message_id}')/AttachmentSessions/$entity",
+                "ExpirationDateTime": sess.expires_iso, "nextExpectedRanges": [str(len(sess.buf))]})
+        # complete: the attachment is created, the session ends
+        self.upload_sessions.pop(sess.id, None)
+        mb = self.model.mailbox(uid)
+        if sess.message_id not in mb.msgs:
+            info["state"] = "orphaned"
+            return graph_error(404, "ErrorItemNotFound", "The message of this upload session no longer exists.")
+        att = {"kind": "file", "name": sess.name, "content_type": sess.content_type, "is_inline": sess.is_inline,
+               "content_id": sess.content_id, "content_b64": base64.b64encode(bytes(sess.buf)).decode()}
+        aid = (await self._apply(mb, [{"op": "add_attachment", "id": sess.message_id, "attachment": att,
+                                       "at": _now()}], big=True))[0]
+        self.attachments_added[uid] += 1
+        info.update(state="done", attachment_id=aid)
+        loc = (f"{self.upload_base_url}/api/v2.0/Users('{uid}@{self.model.tenant_id}')/Messages('{sess.message_id}')"
+               f"/Attachments('{aid}')")
+        return web.Response(status=201, headers={"Location": loc})
+
     # admin ------------------------------------------------------------------------------------------------
     async def admin(self, request: web.Request, segs: list[str]) -> web.StreamResponse:
         what = "/".join(segs)
@@ -659,7 +1038,8 @@ class SimServer:
                 loop = asyncio.get_running_loop()
                 user = request.query.get("user")
                 hashes = request.query.get("hashes", "1") != "0"
-                return web.json_response(await loop.run_in_executor(None, self.model.truth, user, hashes))
+                sem = request.query.get("semantic", "0").lower() in ("1", "true")
+                return web.json_response(await loop.run_in_executor(None, self.model.truth, user, hashes, sem))
             if segs[:1] == ["mime"] and len(segs) == 3:
                 mb = self.model.mailbox(segs[1])
                 m = mb.msgs.get(segs[2])
@@ -693,15 +1073,72 @@ class SimServer:
         return web.json_response({"error": f"no admin route {request.method} /_sim/{what}"}, status=404)
 
 
+async def _read_body(request: web.Request, limit: int) -> tuple[bytes | None, int]:
+    """The whole request body and its length, or (None, length) when longer than ``limit`` (read to the end
+    all the same, so that the client gets the answer rather than a broken connection)."""
+    chunks, n = [], 0
+    async for chunk in request.content.iter_chunked(1 << 16):
+        n += len(chunk)
+        if n <= limit:
+            chunks.append(chunk)
+    return (b"".join(chunks) if n <= limit else None), n
+
+
+def _too_large(n: int) -> web.Response:
+    return graph_error(413, "RequestEntityTooLarge", f"The request body ({n} bytes) is over the limit of "
+                       f"{MAX_REQUEST_BYTES} bytes: add attachments over 3 MB through an upload session.")
+
+
+def _json_body(raw: bytes) -> dict[str, Any]:
+    import json
+
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError as e:
+        raise GraphError(400, "RequestBodyRead", f"The request body is not valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise GraphError(400, "RequestBodyRead", "The request body must be a JSON object.")
+    return body
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _need_posted(m: Msg) -> None:
+    if m.posted is None:
+        raise GraphError(400, "ErrorInvalidRequest", "The simulator adds attachments only to messages created "
+                         "through the API (its seeded messages' content is generated).")
+
+
+def _att_tuple(mb: Mailbox, m: Msg, i: int) -> tuple[str, str, bytes, bool, str | None]:
+    """Attachment ``i`` of a posted message in the shape of :func:`_attachments` (an item: its MIME)."""
+    a = m.posted.attachments[i]
+    if a.kind == "file":
+        return a.name, a.content_type, a.data, a.is_inline, a.content_id
+    inner = posted.render(a.item, f"{m.id}/att{i}", is_draft=a.item.is_draft,
+                          importance=a.item.content["importance"], owner=None)
+    return a.name, "message/rfc822", inner, False, None
+
+
 def quote_unescape(s: str) -> str:
     from urllib.parse import unquote
 
     return unquote(s)
 
 
-def _kind(low: list[str]) -> str:
+_WRITE_ACTIONS = {"createuploadsession", "microsoft.graph.createuploadsession"}
+_DELETE_ACTIONS = {"permanentdelete", "microsoft.graph.permanentdelete"}
+
+
+def _kind(low: list[str], method: str = "GET", filtered: bool = False) -> str:
+    """The request kind counted in ``/_sim/stats`` ``requests``."""
     if not low:
         return "other"
+    if method not in ("GET", "HEAD"):
+        return _write_kind(low, method)
+    if filtered and (low == ["messages"] or (low[0] == "mailfolders" and low[2:] == ["messages"])):
+        return "lookup"
     if low[0] == "mailfolders":
         if len(low) >= 2 and low[1] == "delta":
             return "folder_delta"
@@ -719,6 +1156,27 @@ def _kind(low: list[str]) -> str:
         if len(low) >= 3 and low[2] == "$value":
             return "mime"
         return "message"
+    return "other"
+
+
+def _write_kind(low: list[str], method: str) -> str:
+    if low[0] == "mailfolders":
+        if "messages" not in low:
+            return "create_folder" if method == "POST" and (len(low) == 1 or low[2:] == ["childfolders"]) else "other"
+        low = low[low.index("messages"):]
+    if low[0] != "messages":
+        return "other"
+    rest = low[2:]
+    if len(low) == 1 and method == "POST":
+        return "create_message"
+    if not rest:
+        return {"PATCH": "update_message", "DELETE": "delete_message"}.get(method, "other")
+    if rest[0] in _DELETE_ACTIONS and method == "POST":
+        return "delete_message"
+    if rest == ["attachments"] and method == "POST":
+        return "add_attachment"
+    if rest[:1] == ["attachments"] and rest[1:2] and rest[1] in _WRITE_ACTIONS:
+        return "upload_session"
     return "other"
 
 
