@@ -58,6 +58,14 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class RestoreConfig:
+    """Write credentials for restores: a separate app registration (``Mail.ReadWrite``), so that the backup
+    app can stay read-only. ``client_id`` defaults to the tenant's."""
+    auth: AuthConfig
+    client_id: str | None = None
+
+
+@dataclass(frozen=True)
 class S3Config:
     endpoint_url: str | None = None
     region: str | None = None
@@ -79,6 +87,8 @@ class MailboxFilter:
 class Limits:
     concurrent_requests_per_mailbox: int = 4
     requests_per_10min_per_mailbox: int = 9600
+    # restores: request bodies per mailbox per 5 minutes (Exchange: 150 MB; a margin under it)
+    upload_bytes_per_5min_per_mailbox: int = 152_000_000
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,7 @@ class TenantConfig:
     limits: Limits = field(default_factory=Limits)
     # Options of the embedded simulator (only for graph_url == EMBEDDED_SIM_URL), e.g. {"users": 8}.
     simulator: dict[str, Any] = field(default_factory=dict)
+    restore: RestoreConfig | None = None  # write credentials for restores (default: the tenant's own)
 
     @property
     def uses_embedded_simulator(self) -> bool:
@@ -107,6 +118,14 @@ class TenantConfig:
 
     def partition_key(self, upn: str) -> str:
         return f"{self.name}:{upn.lower()}"
+
+    def for_restore(self) -> TenantConfig:
+        """This tenant with the credentials restores write with (``restore:``, else its own)."""
+        from dataclasses import replace
+
+        if self.restore is None:
+            return self
+        return replace(self, auth=self.restore.auth, client_id=self.restore.client_id or self.client_id)
 
 
 def mailpipe_home() -> Path:
@@ -183,7 +202,7 @@ def parse_tenants(doc: Any, source: str = "<tenants>") -> list[TenantConfig]:
 
 _TENANT_FIELDS = {
     "name", "tenant_id", "client_id", "auth", "graph_url", "authority", "ca_bundle", "storage", "s3",
-    "mailboxes", "limits", "simulator",
+    "mailboxes", "limits", "simulator", "restore",
 }
 
 
@@ -241,7 +260,7 @@ def _parse_tenant(raw: Any, where: str) -> TenantConfig:
     )
     lim_raw = _mapping(
         raw.get("limits"), "limits", err,
-        {"concurrent_requests_per_mailbox", "requests_per_10min_per_mailbox"},
+        {"concurrent_requests_per_mailbox", "requests_per_10min_per_mailbox", "upload_bytes_per_5min_per_mailbox"},
     )
     limits = Limits(
         concurrent_requests_per_mailbox=_pos_int(
@@ -251,14 +270,32 @@ def _parse_tenant(raw: Any, where: str) -> TenantConfig:
             lim_raw.get("requests_per_10min_per_mailbox", 9600), "limits.requests_per_10min_per_mailbox", err,
             1_000_000,
         ),
+        upload_bytes_per_5min_per_mailbox=_pos_int(
+            lim_raw.get("upload_bytes_per_5min_per_mailbox", Limits.upload_bytes_per_5min_per_mailbox),
+            "limits.upload_bytes_per_5min_per_mailbox", err, 10**12,
+        ),
     )
     sim = raw.get("simulator") or {}
     if not isinstance(sim, dict):
         raise err("simulator", "expected a mapping of simulator options")
+    restore = None
+    if raw.get("restore") is not None:
+        r_raw = _mapping(raw.get("restore"), "restore", err, {"auth", "client_id"})
+
+        def r_err(fld: str, msg: str) -> ConfigError:
+            return err(f"restore.{fld}", msg)
+
+        r_client = r_raw.get("client_id")
+        if r_client is not None:
+            try:
+                r_client = str(uuid.UUID(str(r_client)))
+            except (ValueError, TypeError):
+                raise r_err("client_id", "must be a GUID") from None
+        restore = RestoreConfig(auth=_parse_auth(r_raw.get("auth"), r_err), client_id=r_client)
     return TenantConfig(
         name=name, tenant_id=guid("tenant_id"), client_id=guid("client_id"), auth=auth, storage=storage,
         graph_url=graph_url, authority=authority, ca_bundle=ca_bundle, s3=s3, mailboxes=mailboxes,
-        limits=limits, simulator=dict(sim),
+        limits=limits, simulator=dict(sim), restore=restore,
     )
 
 

@@ -152,7 +152,12 @@ class _Caller:
         self.policy = policy
         self.what = what
 
-    async def call(self, kind: str, fn: Callable[[], Awaitable[T]], what: str | None = None) -> T:
+    async def call(self, kind: str, fn: Callable[[], Awaitable[T]], what: str | None = None, *,
+                   idempotent: bool = True) -> T:
+        """``fn()`` through the limiter, retried as the module docstring says. A request that is not
+        ``idempotent`` (creating a message or an attachment) is retried only after a 429 — Graph did not
+        process it; after a timeout, a reset or a 5xx it may have been applied, so the error is raised
+        for the caller to find out (and not create a duplicate)."""
         what = what or self.what
         attempt = throttled = 0
         while True:
@@ -178,6 +183,8 @@ class _Caller:
                 else:
                     await asyncio.sleep(wait)
             elif isinstance(err, TransientError):
+                if not idempotent:
+                    raise err
                 attempt += 1
                 if attempt >= self.policy.max_attempts:
                     raise TransientError(f"{err.args[0]} (gave up after {attempt} attempts)", status=err.status,
@@ -294,7 +301,7 @@ class GraphTenant:
 
     def __init__(self, tenant: TenantConfig, graph_url: str, authority: str, ca_bundle: str | None,
                  *, policy: RetryPolicy | None = None, window_seconds: float = 600.0,
-                 timeouts: RequestTimeouts | None = None) -> None:
+                 upload_window_seconds: float = 300.0, timeouts: RequestTimeouts | None = None) -> None:
         from kiota_authentication_azure.azure_identity_authentication_provider import (
             AzureIdentityAuthenticationProvider,
         )
@@ -305,6 +312,7 @@ class GraphTenant:
         self.graph_url = self.origin.url
         self.policy = policy or RetryPolicy()
         self.window_seconds = window_seconds
+        self.upload_window_seconds = upload_window_seconds  # Exchange's upload budget window (restores)
         self.timeouts = timeouts or RequestTimeouts()
         self.credential = make_credential(tenant, authority, ca_bundle)
         self._verify: Any = ssl.create_default_context(cafile=ca_bundle) if ca_bundle else True
@@ -420,6 +428,28 @@ class GraphTenant:
         info = builder.to_get_request_information(config)
         info.add_request_options([ResponseHandlerOption(NativeResponseHandler())])
         resp = await builder.request_adapter.send_primitive_async(info, "bytes", None)
+        raise_for_status(resp, what, self.origin)
+        return resp
+
+    async def request(self, adapter: Any, method: str, url: str, what: str, *, body: bytes | None = None,
+                      content_type: str = "application/json", headers: dict[str, str] | None = None
+                      ) -> httpx.Response:
+        """Any request to a URL on graph_url (writes: POST, PATCH, DELETE), through the SDK's adapter (auth,
+        middleware, the guarded transport), its status checked; the raw response."""
+        from kiota_abstractions.method import Method
+        from kiota_abstractions.native_response_handler import NativeResponseHandler
+        from kiota_abstractions.request_information import RequestInformation
+        from kiota_http.middleware.options import ResponseHandlerOption
+
+        info = RequestInformation(Method(method))
+        info.url = self.origin.check(url, what)
+        info.headers.add("Prefer", 'IdType="ImmutableId"')
+        for k, v in (headers or {}).items():
+            info.headers.add(k, v)
+        if body is not None:
+            info.set_stream_content(body, content_type)
+        info.add_request_options([ResponseHandlerOption(NativeResponseHandler())])
+        resp = await adapter.send_primitive_async(info, "bytes", None)
         raise_for_status(resp, what, self.origin)
         return resp
 
