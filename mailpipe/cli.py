@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "mailpipe.sim.cli",      # sim serve
     "mailpipe.repo.cli",     # snapshots, export
     "mailpipe.backup.cli",   # backup
+    "mailpipe.restore.cli",  # restore
     "mailpipe.defs.cli",     # discover, demo
 )
 

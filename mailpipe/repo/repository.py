@@ -572,16 +572,52 @@ class Repository:
         removed += self.store.clean_leftovers(f"mailboxes/{mailbox_dir(user_id)}", older_than)
         return removed
 
-    # -- the mailbox lease ---------------------------------------------------------------------------------
-    def _lease_key(self, user_id: str) -> str:
-        return f"mailboxes/{mailbox_dir(user_id)}/lease.json"
+    # -- restores: their progress, so that a restore started again resumes ----------------------------------
+    def _restore_prefix(self, user_id: str, restore_id: str) -> str:
+        if not re.fullmatch(r"[0-9a-f]{8,64}", restore_id):
+            raise ValueError(f"not a restore id: {restore_id!r}")
+        return f"mailboxes/{mailbox_dir(user_id)}/restores/{restore_id}"
 
-    def acquire_lease(self, user_id: str, upn: str, seconds: float) -> Lease:
+    def read_restore_plan(self, user_id: str, restore_id: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.store.get_bytes(f"{self._restore_prefix(user_id, restore_id)}/plan.json"))
+        except KeyNotFound:
+            return None
+        except ValueError:
+            return {}
+
+    def write_restore_plan(self, user_id: str, restore_id: str, plan: dict[str, Any]) -> None:
+        self.store.put_bytes(f"{self._restore_prefix(user_id, restore_id)}/plan.json",
+                             json.dumps(plan, indent=1, default=str).encode())
+
+    def write_restore_progress(self, user_id: str, restore_id: str, rows: list[dict[str, Any]]) -> None:
+        """A part of a restore's progress: rows ``{source, created, folder, status}`` (written whole)."""
+        name = new_snapshot_id() + secrets.token_hex(2) + ".json"
+        self.store.put_bytes(f"{self._restore_prefix(user_id, restore_id)}/progress/{name}",
+                             json.dumps(rows, separators=(",", ":")).encode())
+
+    def iter_restore_progress(self, user_id: str, restore_id: str) -> Iterator[dict[str, Any]]:
+        for key in sorted(self.store.list(f"{self._restore_prefix(user_id, restore_id)}/progress")):
+            try:
+                rows = json.loads(self.store.get_bytes(key))
+            except (ValueError, KeyNotFound):
+                continue  # a damaged part only costs a lookup in the mailbox (tagged items are found there)
+            yield from (r for r in rows if isinstance(r, dict))
+
+    def write_restore_result(self, user_id: str, restore_id: str, result: dict[str, Any]) -> None:
+        self.store.put_bytes(f"{self._restore_prefix(user_id, restore_id)}/result.json",
+                             json.dumps(result, indent=1, default=str).encode())
+
+    # -- the mailbox lease ---------------------------------------------------------------------------------
+    def _lease_key(self, user_id: str, name: str = "lease.json") -> str:
+        return f"mailboxes/{mailbox_dir(user_id)}/{name}"
+
+    def acquire_lease(self, user_id: str, upn: str, seconds: float, *, name: str = "lease.json") -> Lease:
         """Take the mailbox's backup lease for ``seconds`` (renew it with :meth:`Lease.renew`), or raise
         :class:`LeaseBusy` naming the holder. A conditional create takes a free lease; an expired one is
         taken over with a conditional replace of exactly the version that was read, so of two backups
         racing for it one wins. No lock service is needed; the store's conditional writes are the lock."""
-        key = self._lease_key(user_id)
+        key = self._lease_key(user_id, name)
         me = {"holder": secrets.token_hex(8), "host": socket.gethostname(), "pid": os.getpid(),
               "pid_start": _process_start(os.getpid()), "upn": upn, "acquired_at": datetime.now(timezone.utc).isoformat()}
         for _ in range(3):
