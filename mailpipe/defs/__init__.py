@@ -18,6 +18,7 @@ def build_definitions() -> dg.Definitions:
     from mailpipe.config import load_tenants
     from mailpipe.defs.assets import mailbox_backup, mailbox_backup_job
     from mailpipe.defs.resources import MailpipeResource
+    from mailpipe.defs.restore import mailbox_restore_job
     from mailpipe.defs.schedules import backup_all_mailboxes
     from mailpipe.defs.sensors import discover_mailboxes, retry_failed_mailboxes
     from mailpipe.defs.settings import SETTINGS
@@ -25,7 +26,7 @@ def build_definitions() -> dg.Definitions:
     load_tenants()  # a bad tenants file fails the code location now, with its clear message
     return dg.Definitions(
         assets=[mailbox_backup],
-        jobs=[mailbox_backup_job],
+        jobs=[mailbox_backup_job, mailbox_restore_job],
         sensors=[discover_mailboxes, retry_failed_mailboxes],
         schedules=[backup_all_mailboxes],
         resources={"mailpipe": MailpipeResource.from_settings(SETTINGS)},

@@ -75,6 +75,14 @@ class MailpipeResource(dg.ConfigurableResource):
 
         return run(discover_mailboxes(resolve(tenant), self.settings()))
 
+    def restore(self, tenant: TenantConfig, request: Any, *, progress: Callable[[dict], None] | None = None):
+        """Restore ``request`` (a :class:`mailpipe.restore.RestoreRequest`) from ``tenant``'s repository."""
+        from mailpipe.restore import restore_mailbox, run
+        from mailpipe.sim.embedded import resolve
+
+        return run(restore_mailbox(resolve(tenant), request, settings=self.settings(), progress=progress,
+                                   s3_client=self.s3_client(tenant)))
+
     def backup(self, tenant: TenantConfig, upns: list[str], *, skip_if_committed_since: datetime | None,
                progress: Callable[[str, dict], None] | None = None):
         """Back up ``upns``; another backup of one of them running (its lease) is waited for, and its
