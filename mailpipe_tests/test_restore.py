@@ -160,6 +160,26 @@ def test_in_place_brings_back_what_was_lost_and_skips_what_is_there(sim_factory,
         assert seen(summarize(content(repo, new))) == seen(summarize(content(repo, old)))
 
 
+def test_in_place_into_another_mailbox_uses_its_well_known_folders(sim_factory, tmp_path):
+    sim = sim_factory(users=2, messages_per_mailbox=30, seed=7)
+    a, b = users(sim)[:2]
+    t = make_tenant(sim, str(tmp_path / "repo"))
+    repo = open_repository(t)
+    [ra] = backup(t, [a])
+    [rb0] = backup(t, [b])
+    res = restore(t, upn=a, to=b, in_place=True)
+    assert res.ok and res.restored == ra.items_total and res.target_root is None, res.summary()
+    [rb] = backup(t, [b])
+    a_rows, b_rows = rows_by_id(repo, ra.user_id), rows_by_id(repo, rb.user_id)
+    assert len(b_rows) == rb0.items_total + ra.items_total
+    b_folder_ids = {tuple(f["path"]): f["folder_id"] for f in repo.read_folders(rb.user_id, "latest").to_pylist()}
+    b0_folder_ids = {tuple(f["path"]): f["folder_id"] for f in repo.read_folders(rb0.user_id, rb0.snapshot_id).to_pylist()}
+    assert b_folder_ids[("Inbox",)] == b0_folder_ids[("Inbox",)]  # B's own Inbox, not a new folder named Inbox
+    by_mid = {r["internet_message_id"]: r for r in b_rows.values()}
+    for r in a_rows.values():
+        assert by_mid[r["internet_message_id"]]["folder_path"] == r["folder_path"]
+
+
 def test_an_older_snapshot_one_folder_one_item_and_dates(sim_factory, tmp_path):
     sim = sim_factory(users=2, messages_per_mailbox=40, seed=8)
     a, b = users(sim)[:2]
