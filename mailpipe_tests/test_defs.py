@@ -343,6 +343,44 @@ def dagster_daemon(e, extra_env: dict[str, str]):
         log.close()
 
 
+@contextmanager
+def dagster_webserver(extra_env: dict[str, str]):
+    """``dagster-webserver`` on 127.0.0.1 and the project's workspace.yaml, up and answering: yields the
+    URL of its GraphQL endpoint."""
+    import urllib.request
+
+    from mailpipe_tests.conftest import free_port
+
+    port = free_port()
+    web = subprocess.Popen([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w",
+                            str(ROOT / "workspace.yaml")], env={**os.environ, **extra_env}, cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "webserver did not start"
+                time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/graphql"
+    finally:
+        web.terminate()
+        try:
+            web.wait(30)
+        except subprocess.TimeoutExpired:
+            web.kill()
+
+
+def graphql(url: str, query: str, variables: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps({"query": query, "variables": variables}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=60).read())["data"]
+
+
 def wait_until(what: str, pred, timeout: float, e=None, every: float = 0.5):
     """Poll ``pred`` until it returns something truthy (returned); on timeout fail with the daemon's log."""
     deadline = time.monotonic() + timeout
@@ -393,79 +431,52 @@ def test_webserver_and_daemon_run_a_ui_backfill_in_batches_and_dagsters_run_retr
     part of its items; the fault heals; Dagster's own run retry (the run has a code-location origin)
     backs it up again, reusing what was stored — and the retry sensor, ticking meanwhile, leaves it to
     that retry instead of launching a duplicate."""
-    import urllib.request
-
-    from mailpipe_tests.conftest import free_port
-
     sim, inst = env["sim"], env["instance"]
     keys = register_all(env)
     victim = keys[2]
     upn = victim.split(":", 1)[1]
     bad = middle_item(sim, upn)
     sim.set_faults(FaultConfig(fail_values={bad: 503}))
-    port = free_port()
     # The sensor would retry the failed mailbox at its next tick (backoff 0; it ticks every ~5 s). Dagster's
     # retry daemon looks for failed runs when the daemon starts and then every 60 s here (5 s by default):
     # the batch fails ~40 s in (the backfill daemon's first tick is at 30 s), so Dagster's retry stays
     # pending for ~20 s, over several ticks of the sensor, which must wait for it.
     extra = {**FAST_SENSOR, "MAILPIPE_MAILBOX_RETRY_BACKOFF": "0", "MAILPIPE_RUN_RETRY_GRACE": "120",
              "MAILPIPE_BATCH_SIZE": "2", "DAGSTER_EVENT_LOG_CONSUMER_DAEMON_INTERVAL_SECONDS": "60"}
-    web = subprocess.Popen([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w",
-                            str(ROOT / "workspace.yaml")], env={**os.environ, **extra}, cwd=ROOT,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        with dagster_daemon(env, extra):
-            url = f"http://127.0.0.1:{port}/graphql"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, "webserver did not start"
-                    time.sleep(0.5)
-            mutation = """mutation Launch($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
-                __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
-            body = json.dumps({"query": mutation, "variables": {"p": {
-                "partitionNames": keys, "assetSelection": [{"path": ["mailbox_backup"]}],
-                "tags": [{"key": "tenant", "value": "t1"}]}}}).encode()
-            req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
-            resp = json.loads(urllib.request.urlopen(req, timeout=60).read())
-            assert resp["data"]["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", resp
+    with dagster_webserver(extra) as url, dagster_daemon(env, extra):
+        mutation = """mutation Launch($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
+            __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
+        resp = graphql(url, mutation, {"p": {"partitionNames": keys, "assetSelection": [{"path": ["mailbox_backup"]}],
+                                             "tags": [{"key": "tenant", "value": "t1"}]}})
+        assert resp["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", resp
 
-            failed = wait_until("the victim's batch run fails", lambda: [
-                r for r in runs_for(env, victim) if r.dagster_run.status == dg.DagsterRunStatus.FAILURE], 180, env,
-                every=0.2)[0]
-            sim.set_faults(FaultConfig())  # healed before Dagster's retry starts (its daemon has not ticked)
-            first = Counter(sim.stats()["mime_downloads"].get(upn, {}))
-            assert first and bad not in first, "the failed attempt stored part of the mailbox"
-            assert statuses(env, [victim])[victim] == "FAILED", describe(runs_for(env, victim))
-            assert failed.dagster_run.remote_job_origin is not None  # a run Dagster can retry
+        failed = wait_until("the victim's batch run fails", lambda: [
+            r for r in runs_for(env, victim) if r.dagster_run.status == dg.DagsterRunStatus.FAILURE], 180, env,
+            every=0.2)[0]
+        sim.set_faults(FaultConfig())  # healed before Dagster's retry starts (its daemon has not ticked)
+        first = Counter(sim.stats()["mime_downloads"].get(upn, {}))
+        assert first and bad not in first, "the failed attempt stored part of the mailbox"
+        assert statuses(env, [victim])[victim] == "FAILED", describe(runs_for(env, victim))
+        assert failed.dagster_run.remote_job_origin is not None  # a run Dagster can retry
 
-            wait_until("every mailbox MATERIALIZED, its runs ended", lambda: settled(env, keys), 120, env)
-        dup = inst.get_run_records(dg.RunsFilter(tags={"dagster/sensor_name": "retry_failed_mailboxes"}))
-        assert not dup, f"the retry sensor launched a run while Dagster's run retry was pending:\n{describe(dup)}"
-        runs = runs_for(env, victim)
-        originals = [r for r in inst.get_run_records(dg.RunsFilter(tags={"tenant": "t1"}))
-                     if "dagster/parent_run_id" not in r.dagster_run.tags]
-        assert len(originals) == 2, describe(originals)  # batched: 4 mailboxes in runs of 2
-        # the failed run, then exactly one more: Dagster's retry of it
-        assert [r.dagster_run.run_id for r in runs] == [failed.dagster_run.run_id, runs[-1].dagster_run.run_id], \
-            describe(runs)
-        retry = runs[1]
-        assert retry.dagster_run.tags.get("dagster/parent_run_id") == failed.dagster_run.run_id
-        assert "dagster/sensor_name" not in retry.dagster_run.tags
-        assert retry.dagster_run.status == dg.DagsterRunStatus.SUCCESS
-        both = Counter(sim.stats()["mime_downloads"][upn])
-        assert set(both) == set(sim.model.mailbox(upn).msgs)
-        again = {i: n for i, n in both.items() if n > 1}
-        assert not again, f"items stored by the failed attempt downloaded again: {again} (first: {dict(first)})"
-    finally:
-        web.terminate()
-        try:
-            web.wait(30)
-        except subprocess.TimeoutExpired:
-            web.kill()
+        wait_until("every mailbox MATERIALIZED, its runs ended", lambda: settled(env, keys), 120, env)
+    dup = inst.get_run_records(dg.RunsFilter(tags={"dagster/sensor_name": "retry_failed_mailboxes"}))
+    assert not dup, f"the retry sensor launched a run while Dagster's run retry was pending:\n{describe(dup)}"
+    runs = runs_for(env, victim)
+    originals = [r for r in inst.get_run_records(dg.RunsFilter(tags={"tenant": "t1"}))
+                 if "dagster/parent_run_id" not in r.dagster_run.tags]
+    assert len(originals) == 2, describe(originals)  # batched: 4 mailboxes in runs of 2
+    # the failed run, then exactly one more: Dagster's retry of it
+    assert [r.dagster_run.run_id for r in runs] == [failed.dagster_run.run_id, runs[-1].dagster_run.run_id], \
+        describe(runs)
+    retry = runs[1]
+    assert retry.dagster_run.tags.get("dagster/parent_run_id") == failed.dagster_run.run_id
+    assert "dagster/sensor_name" not in retry.dagster_run.tags
+    assert retry.dagster_run.status == dg.DagsterRunStatus.SUCCESS
+    both = Counter(sim.stats()["mime_downloads"][upn])
+    assert set(both) == set(sim.model.mailbox(upn).msgs)
+    again = {i: n for i, n in both.items() if n > 1}
+    assert not again, f"items stored by the failed attempt downloaded again: {again} (first: {dict(first)})"
 
 
 def test_failed_dagster_job_execute_run_is_retried_by_the_sensor_under_a_real_daemon(env):

@@ -6,18 +6,21 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import dagster as dg
 import yaml
 
 from mailpipe.repo import open_repository
-from mailpipe_tests.conftest import free_port, make_tenant
+from mailpipe_tests.conftest import make_tenant
 from mailpipe_tests.helpers import backup
-from mailpipe_tests.test_defs import BIN, ROOT, dagster_daemon, env, wait_until  # noqa: F401  (fixture)
+from mailpipe_tests.test_defs import (  # noqa: F401  (env: the fixture)
+    BIN,
+    dagster_daemon,
+    dagster_webserver,
+    env,
+    graphql,
+    wait_until,
+)
 
 
 def restore_config(tenant: str, source: str, target: str, into: str) -> dict:
@@ -63,44 +66,23 @@ def test_restore_job_launched_as_the_ui_launchpad_does(env):
     a, b = [u for u in sim.truth(hashes=False)["mailboxes"] if not u.startswith(("shared-", "nomailbox"))][:2]
     t = make_tenant(sim, str(env["tmp"] / "repo"), name="t1")
     [ra] = backup(t, [a])
-    port = free_port()
-    web = subprocess.Popen([str(BIN / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w",
-                            str(ROOT / "workspace.yaml")], env={**os.environ}, cwd=ROOT,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        with dagster_daemon(env, {}):  # the queued run coordinator: the daemon starts the launched run
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/server_info", timeout=2)
-                    break
-                except OSError:
-                    assert time.monotonic() < deadline, "webserver did not start"
-                    time.sleep(0.5)
-            mutation = """mutation Launch($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
-                ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
-                ... on RunConfigValidationInvalid { errors { message } } } }"""
-            params = {"selector": {"repositoryLocationName": "mailpipe", "repositoryName": "__repository__",
-                                   "jobName": "mailbox_restore_job"},
-                      "runConfigData": restore_config("t1", a, b, "From the UI"),
-                      "executionMetadata": {"tags": [{"key": "tenant", "value": "t1"}]}}
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", headers={"Content-Type": "application/json"},
-                                         data=json.dumps({"query": mutation, "variables": {"p": params}}).encode())
-            resp = json.loads(urllib.request.urlopen(req, timeout=60).read())["data"]["launchRun"]
-            assert resp["__typename"] == "LaunchRunSuccess", resp
-            run_id = resp["run"]["runId"]
-            inst = env["instance"]
-            run = wait_until("the restore run ends", lambda: (r := inst.get_run_by_id(run_id)) and r.is_finished and r,
-                             180, env)
-            assert run.status == dg.DagsterRunStatus.SUCCESS
-        assert created_in(sim, b, "From the UI") == ra.items_total
-        [rb] = backup(t, [b])
-        restored = [r for bt in open_repository(t).iter_manifest(rb.user_id, "latest") for r in bt.to_pylist()
-                    if r["folder_path"][:1] == ["From the UI"]]
-        assert len(restored) == ra.items_total and not any(r["is_draft"] for r in restored)
-    finally:
-        web.terminate()
-        try:
-            web.wait(30)
-        except subprocess.TimeoutExpired:
-            web.kill()
+    with dagster_webserver({}) as url, dagster_daemon(env, {}):  # the daemon dequeues the launched run
+        mutation = """mutation Launch($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
+            ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
+            ... on RunConfigValidationInvalid { errors { message } } } }"""
+        params = {"selector": {"repositoryLocationName": "mailpipe", "repositoryName": "__repository__",
+                               "jobName": "mailbox_restore_job"},
+                  "runConfigData": restore_config("t1", a, b, "From the UI"),
+                  "executionMetadata": {"tags": [{"key": "tenant", "value": "t1"}]}}
+        resp = graphql(url, mutation, {"p": params})["launchRun"]
+        assert resp["__typename"] == "LaunchRunSuccess", resp
+        run_id = resp["run"]["runId"]
+        inst = env["instance"]
+        run = wait_until("the restore run ends", lambda: (r := inst.get_run_by_id(run_id)) and r.is_finished and r,
+                         180, env)
+        assert run.status == dg.DagsterRunStatus.SUCCESS
+    assert created_in(sim, b, "From the UI") == ra.items_total
+    [rb] = backup(t, [b])
+    restored = [r for bt in open_repository(t).iter_manifest(rb.user_id, "latest") for r in bt.to_pylist()
+                if r["folder_path"][:1] == ["From the UI"]]
+    assert len(restored) == ra.items_total and not any(r["is_draft"] for r in restored)

@@ -18,9 +18,11 @@ import hashlib
 import random
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
+from typing import Any
 
 CRLF = b"\r\n"
 EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)
@@ -167,30 +169,41 @@ def headers_of(spec: MessageSpec) -> dict[str, str]:
     return {"subject": subject, "sender": sender, "sender_name": sender_name, "message_id": msg_id}
 
 
-_CACHE: OrderedDict[MessageSpec, bytes] = OrderedDict()
-_CACHE_BUDGET = 64 * 1024 * 1024
-_cache_bytes = 0
-_cache_lock = threading.Lock()
+class BytesLRU:
+    """Recently made message bytes, up to a byte budget (thread-safe; the simulator's handlers and its
+    executor threads share it). ``get_or_make(key, make, max_item)``: items over ``max_item`` bytes are
+    made each time, never kept."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self._items: OrderedDict[Any, bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get_or_make(self, key: Any, make: Callable[[], bytes], max_item: int) -> bytes:
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+        data = make()
+        if len(data) <= max_item:
+            with self._lock:
+                if key not in self._items:
+                    self._items[key] = data
+                    self._bytes += len(data)
+                while self._bytes > self.budget:
+                    _, old = self._items.popitem(last=False)
+                    self._bytes -= len(old)
+        return data
+
+
+_CACHE = BytesLRU(64 * 1024 * 1024)
 
 
 def generate(spec: MessageSpec) -> bytes:
     """The message's MIME; recently generated ones come from a 64 MB LRU."""
-    global _cache_bytes
-    with _cache_lock:
-        hit = _CACHE.get(spec)
-        if hit is not None:
-            _CACHE.move_to_end(spec)
-            return hit
-    data = _generate(spec)
-    if len(data) <= 4 * 1024 * 1024:
-        with _cache_lock:
-            if spec not in _CACHE:
-                _CACHE[spec] = data
-                _cache_bytes += len(data)
-            while _cache_bytes > _CACHE_BUDGET:
-                _, old = _CACHE.popitem(last=False)
-                _cache_bytes -= len(old)
-    return data
+    return _CACHE.get_or_make(spec, lambda: _generate(spec), 4 * 1024 * 1024)
 
 
 def _generate(spec: MessageSpec) -> bytes:

@@ -21,14 +21,14 @@ import base64
 import binascii
 import hashlib
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.header import Header
 from email.utils import format_datetime, formataddr
 from typing import Any
 from urllib.parse import quote
+
+from mailpipe.sim.mime import BytesLRU
 
 CRLF = b"\r\n"
 MAX_REQUEST_BYTES = 4 * 1024 * 1024         # Graph's request size limit (413 above it)
@@ -449,33 +449,16 @@ def _file_part(a: Att) -> bytes:
     return CRLF.join(head) + CRLF + _b64_lines(a.data)
 
 
-_CACHE: OrderedDict[tuple, bytes] = OrderedDict()
-_CACHE_BUDGET = 64 * 1024 * 1024
-_cache_bytes = 0
-_cache_lock = threading.Lock()
+_CACHE = BytesLRU(64 * 1024 * 1024)
 
 
 def render_cached(p: Posted, key: str, version: Any, *, is_draft: bool, importance: str,
                   owner: tuple[str, str] | None) -> bytes:
     """:func:`render`, the recently rendered ones from a 64 MB LRU (``version``: anything that changes when
     the item does, e.g. its change sequence number)."""
-    global _cache_bytes
-    ck = (p, key, version, is_draft, importance, owner)
-    with _cache_lock:
-        hit = _CACHE.get(ck)
-        if hit is not None:
-            _CACHE.move_to_end(ck)
-            return hit
-    data = render(p, key, is_draft=is_draft, importance=importance, owner=owner)
-    if len(data) <= 8 * 1024 * 1024:
-        with _cache_lock:
-            if ck not in _CACHE:
-                _CACHE[ck] = data
-                _cache_bytes += len(data)
-            while _cache_bytes > _CACHE_BUDGET:
-                _, old = _CACHE.popitem(last=False)
-                _cache_bytes -= len(old)
-    return data
+    return _CACHE.get_or_make((p, key, version, is_draft, importance, owner),
+                              lambda: render(p, key, is_draft=is_draft, importance=importance, owner=owner),
+                              8 * 1024 * 1024)
 
 
 def render(p: Posted, key: str, *, is_draft: bool, importance: str, owner: tuple[str, str] | None) -> bytes:
