@@ -334,13 +334,18 @@ def dagster_daemon(e, extra_env: dict[str, str]):
     try:
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        stop(proc)
         log.close()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, and SIGKILL if it has not ended within 30 s."""
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
 
 
 @contextmanager
@@ -366,11 +371,7 @@ def dagster_webserver(extra_env: dict[str, str]):
                 time.sleep(0.5)
         yield f"http://127.0.0.1:{port}/graphql"
     finally:
-        web.terminate()
-        try:
-            web.wait(30)
-        except subprocess.TimeoutExpired:
-            web.kill()
+        stop(web)
 
 
 def graphql(url: str, query: str, variables: dict) -> dict:
