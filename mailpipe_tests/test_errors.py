@@ -219,3 +219,24 @@ def test_a_lease_left_by_a_killed_process_of_this_host_is_free_at_once(any_repo)
     subprocess.run([sys.executable, "-c", code, storage, ep], check=True, timeout=60,
                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     repo.acquire_lease(uid, "x@x", 30).release()  # not 3600 s later
+
+
+def test_a_lease_write_whose_answer_was_lost_is_still_ours(tmp_path, monkeypatch):
+    """S3 applies a conditional PUT, the answer is lost, botocore retries it and gets 412 (the version is
+    already ours): the holder must not conclude that it lost its lease."""
+    from mailpipe.repo.store import LocalStore, PreconditionFailed
+
+    t = make_tenant(type("S", (), {"graph_url": "http://127.0.0.1:9/v1.0", "authority": None})(), str(tmp_path / "r"))
+    repo = open_repository(t)
+    lease = repo.acquire_lease("11111111-0000-0000-0000-0000000000cc", "x@x", 30)
+    real = LocalStore.put_if_version
+
+    def applied_then_412(self, key, data, version):
+        real(self, key, data, version)
+        raise PreconditionFailed(f"{key} changed")
+
+    monkeypatch.setattr(LocalStore, "put_if_version", applied_then_412)
+    lease.renew()  # no LeaseBusy
+    monkeypatch.setattr(LocalStore, "put_if_version", real)
+    lease.renew()
+    lease.release()

@@ -316,3 +316,83 @@ def test_the_restore_command(sim_factory, tmp_path):
     out = subprocess.run([sys.executable, "-m", "mailpipe", "restore", "t1", a, "--into", "X", "--in-place"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "not allowed with argument" in out.stderr
+
+
+def test_the_same_restore_run_again_after_a_new_backup_creates_nothing_twice(sim_factory, tmp_path):
+    """`latest` is resolved once: a restore run again (a retry, a relaunch) continues from the snapshot and
+    the folder its first run chose, even when a backup committed a newer snapshot meanwhile."""
+    sim = sim_factory(users=2, messages_per_mailbox=15, seed=20)
+    a, b = users(sim)[:2]
+    t = make_tenant(sim, str(tmp_path / "repo"))
+    [ra] = backup(t, [a])
+    first = restore(t, upn=a, to=b)
+    sim.mutate(a, [{"op": "new_mail", "count": 3, "folder": "inbox"}])
+    [ra2] = backup(t, [a])
+    assert ra2.snapshot_id != ra.snapshot_id
+    again = restore(t, upn=a, to=b)
+    assert again.ok and again.restore_id == first.restore_id and again.snapshot_id == ra.snapshot_id
+    assert again.target_root == first.target_root and again.restored == 0 and again.resumed == ra.items_total
+    assert any("continuing restore" in w for w in again.warnings)
+    assert sim.stats()["created_messages"][b] == ra.items_total
+
+
+def test_replace_finishes_its_deletes_when_run_again(sim_factory, tmp_path, monkeypatch):
+    from mailpipe.graph import TransientError
+    from mailpipe.graph.write import MailboxWriter
+
+    sim = sim_factory(users=2, messages_per_mailbox=10, seed=22)
+    a, b = users(sim)[:2]
+    t = make_tenant(sim, str(tmp_path / "repo"))
+    repo = open_repository(t)
+    [ra] = backup(t, [a])
+    assert restore(t, upn=a, to=b, into="Here").restored == ra.items_total
+    real = MailboxWriter.delete_message
+
+    async def failing(self, message_id):
+        raise TransientError("delete: connection failed (injected)")
+
+    monkeypatch.setattr(MailboxWriter, "delete_message", failing)
+    broken = restore(t, upn=a, to=b, into="Here", collisions="replace")
+    assert broken.failed_count == ra.items_total  # created, but the old ones could not be deleted
+    monkeypatch.setattr(MailboxWriter, "delete_message", real)
+    fixed = restore(t, upn=a, to=b, into="Here", collisions="replace")
+    assert fixed.ok and fixed.failed_count == 0 and fixed.completed == ra.items_total
+    [rb] = backup(t, [b])
+    assert_restored_equal(repo, ra.user_id, rb.user_id, ("Here",))  # one of each: the old copies are gone
+
+
+def test_a_restore_does_not_stop_when_its_progress_cannot_be_recorded_for_a_while(sim_factory, tmp_path, monkeypatch):
+    from mailpipe.repo.repository import Repository
+    from mailpipe.repo.store import StoreError
+
+    sim = sim_factory(users=2, messages_per_mailbox=30, seed=24)
+    a, b = users(sim)[:2]
+    t = make_tenant(sim, str(tmp_path / "repo"))
+    [ra] = backup(t, [a])
+    real = Repository.write_restore_progress
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kw):
+        calls["n"] += 1
+        if calls["n"] <= 12:  # more failures than the restore has workers
+            raise StoreError("storage: unreachable (injected)")
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Repository, "write_restore_progress", flaky)
+    s = TEST_SETTINGS.replace(checkpoint_items=1)
+    t0 = time.monotonic()
+    res = restore(t, upn=a, to=b, settings=s)
+    assert time.monotonic() - t0 < 60
+    assert res.ok and res.restored == ra.items_total and res.failed_count == 0, res.summary()
+    recorded = {r["source"] for r in open_repository(t).iter_restore_progress(_uid(t, b), res.restore_id)}
+    assert len(recorded) == ra.items_total  # nothing recorded was lost with the failed writes
+
+
+def _uid(t, upn):
+    async def go():
+        from mailpipe.graph import GraphTenant
+
+        async with GraphTenant.from_config(t) as g:
+            return (await g.resolve_mailbox(upn)).id
+
+    return asyncio.run(go())

@@ -40,13 +40,13 @@ def test_restore_job_from_dagster_job_execute_with_run_config(env):
     cfg = env["tmp"] / "restore.yaml"
     cfg.write_text(yaml.safe_dump(restore_config("t1", a, b, "From Dagster")))
     out = subprocess.run([str(BIN / "dagster"), "job", "execute", "-m", "mailpipe.definitions", "-j",
-                          "mailbox_restore_job", "-c", str(cfg), "--tags", json.dumps({"tenant": "t1"})],
+                          "mailbox_restore_job", "-c", str(cfg), "--tags", json.dumps({"restore": "t1"})],
                          capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=env["tmp"])
     assert out.returncode == 0, out.stderr[-3000:]
     assert created_in(sim, b, "From Dagster") == ra.items_total
     inst = dg.DagsterInstance.from_config(str(env["home"]))
     [run] = inst.get_run_records(dg.RunsFilter(job_name="mailbox_restore_job"))
-    assert run.dagster_run.status == dg.DagsterRunStatus.SUCCESS and run.dagster_run.tags["tenant"] == "t1"
+    assert run.dagster_run.status == dg.DagsterRunStatus.SUCCESS and run.dagster_run.tags["restore"] == "t1"
     outputs = [e for e in inst.all_logs(run.dagster_run.run_id) if e.dagster_event and
                e.dagster_event.event_type_value == "STEP_OUTPUT"]
     md = {k: v.value for k, v in outputs[0].dagster_event.event_specific_data.metadata.items()}
@@ -73,7 +73,7 @@ def test_restore_job_launched_as_the_ui_launchpad_does(env):
         params = {"selector": {"repositoryLocationName": "mailpipe", "repositoryName": "__repository__",
                                "jobName": "mailbox_restore_job"},
                   "runConfigData": restore_config("t1", a, b, "From the UI"),
-                  "executionMetadata": {"tags": [{"key": "tenant", "value": "t1"}]}}
+                  "executionMetadata": {"tags": [{"key": "restore", "value": "t1"}]}}
         resp = graphql(url, mutation, {"p": params})["launchRun"]
         assert resp["__typename"] == "LaunchRunSuccess", resp
         run_id = resp["run"]["runId"]

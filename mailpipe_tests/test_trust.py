@@ -483,3 +483,16 @@ def test_concurrent_backups_that_wait_for_the_lease_do_the_work_once(sim_factory
     assert sorted([a.already_committed, b.already_committed]) == [False, True]
     assert max(sim.stats()["mime_downloads"][upn].values()) == 1
     assert len(open_repository(t).snapshot_ids(a.user_id)) == 1
+
+
+def test_a_base_snapshot_whose_manifest_is_missing_is_skipped_too(sim_factory, tmp_path):
+    sim = sim_factory(users=1, messages_per_mailbox=20)
+    upn = user_mailboxes(sim)[0]
+    t = make_tenant(sim, str(tmp_path / "repo"))
+    repo = open_repository(t)
+    [r1] = backup(t, [upn])
+    [r2] = backup(t, [upn])
+    repo.store.delete(manifest_key(repo, r2.user_id))  # a lifecycle rule, a hand that slipped
+    [r3] = backup(t, [upn])
+    assert r3.ok and any(r2.snapshot_id in w and "missing" in w for w in r3.warnings), r3.warnings
+    assert snapshot_items(repo, r3.user_id) == truth_items(sim.truth(), upn)

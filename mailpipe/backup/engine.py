@@ -53,6 +53,7 @@ STORE_THREADS = 8            # hashing + compression + uploads, shared by the ma
 ITEM_RETRY_PASSES = 3        # an item Graph could not serve is tried this many more times in one backup
 VERIFY_BATCH = 256           # chunks read back at a time (in the thread pool)
 WIND_DOWN_SECONDS = 15.0     # a failing backup waits this long for downloads in flight to be stored
+CONFIRMATIONS = 16           # 404s being confirmed at once, per mailbox
 
 
 async def discover(tenant: TenantConfig, settings: Settings | None = None) -> Discovery:
@@ -174,6 +175,7 @@ class MailboxBackup:
         self._deferred: dict[str, str] = {}     # item id → why Graph could not serve it (tried again later)
         self._tries: dict[str, int] = {}         # failed tries of deferred items
         self._side: set[asyncio.Task[Any]] = set()  # confirmations of 404s, running beside the workers
+        self._confirming = asyncio.Semaphore(CONFIRMATIONS)  # at most this many at once
         self._invalid: list[dict[str, Any]] = []   # delta entries that cannot be items (no id)
         self._lease: Any = None
         self.bytes_fetched = 0
@@ -181,6 +183,10 @@ class MailboxBackup:
 
     async def _io(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
+
+    async def _lease_io(self, fn: Callable[[], Any]) -> Any:
+        """Lease calls on the default executor: a renewal never waits behind the store pool's work."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
 
     # ------------------------------------------------------------------------------------------------
     async def run(self) -> MailboxResult:
@@ -223,7 +229,7 @@ class MailboxBackup:
             if self.work is not None:  # before the lease goes: the next holder may use the same directory
                 shutil.rmtree(self.work, ignore_errors=True)
             if self._lease is not None:
-                await self._io(self._lease.release)
+                await self._lease_io(self._lease.release)
             if mb is not None:
                 self.result.requests = mb.stats.requests
                 self.result.throttled = mb.stats.throttled
@@ -253,7 +259,8 @@ class MailboxBackup:
         waited = False
         while True:
             try:
-                self._lease = await self._io(lambda: self.repo.acquire_lease(user_id, self.upn, self.s.lease_seconds))
+                self._lease = await self._lease_io(lambda: self.repo.acquire_lease(user_id, self.upn,
+                                                                                   self.s.lease_seconds))
                 break
             except LeaseBusy as e:
                 if not self.wait_for_lease:
@@ -276,7 +283,7 @@ class MailboxBackup:
         while True:
             await asyncio.sleep(self._lease.seconds / 3)
             try:
-                await self._io(self._lease.renew)
+                await self._lease_io(self._lease.renew)
             except LeaseBusy as e:
                 self._fatal = e
                 return
@@ -582,6 +589,7 @@ class MailboxBackup:
         try:
             data = await mb.get_mime(item_id)
         except NotFoundError as e:
+            await self._confirming.acquire()  # released by the confirmation
             self._spawn(self._confirm_miss(mb, state, item_id, e))
             return
         except BadContentError as e:
@@ -616,7 +624,9 @@ class MailboxBackup:
     async def _confirm_miss(self, mb: Any, state: BackupState, item_id: str, err: Any) -> None:
         """``$value`` answered 404. Exchange does that for items that exist (replication lag, an item being
         moved), so an item leaves the snapshot only when a metadata GET by its immutable id also answers
-        404, twice, after a short delay each. Otherwise it is tried again later in this backup."""
+        404, twice, after a short delay each. Otherwise it is tried again later in this backup. (Holds one
+        of :data:`CONFIRMATIONS` slots, taken by the worker that spawned it: a server that answers 404 to
+        everything slows the workers down instead of piling up tasks.)"""
         from mailpipe.graph.errors import GraphError, NotFoundError
 
         try:
@@ -636,6 +646,8 @@ class MailboxBackup:
             self._deferred.pop(item_id, None)
         except Exception as e:
             self._fatal = self._fatal or e
+        finally:
+            self._confirming.release()
 
     async def _drain(self, state: BackupState) -> None:
         """Wait for every queued download and 404 confirmation; then try the deferred items again, up to

@@ -45,13 +45,18 @@ def _when(v: str | None) -> datetime | None:
 @dg.op(description="Restore a mailbox's snapshot (all of it, folders or items) into the same or another mailbox; "
        "resumable: running it again with the same config continues where it stopped.")
 def restore_mailbox(context: dg.OpExecutionContext, config: RestoreRun, mailpipe: MailpipeResource):
+    from mailpipe.errors import UserError
     from mailpipe.restore import RestoreRequest
 
     tenant = mailpipe.tenant(config.tenant)
-    req = RestoreRequest(upn=config.mailbox, snapshot=config.snapshot if not config.at else "latest",
-                         at=_when(config.at), to=config.to, folders=tuple(config.folders), items=tuple(config.items),
-                         since=_when(config.since), until=_when(config.until), into=config.into,
-                         in_place=config.in_place, collisions=config.collisions, dry_run=config.dry_run)
+    try:
+        req = RestoreRequest(upn=config.mailbox, snapshot=config.snapshot if not config.at else "latest",
+                             at=_when(config.at, "at"), to=config.to, folders=tuple(config.folders),
+                             items=tuple(config.items), since=_when(config.since, "since"),
+                             until=_when(config.until, "until"), into=config.into, in_place=config.in_place,
+                             collisions=config.collisions, dry_run=config.dry_run)
+    except UserError as e:  # e.g. into and in_place together
+        raise dg.Failure(description=str(e), allow_retries=False) from None
     last = [0.0]
 
     def progress(p: dict) -> None:
@@ -74,12 +79,14 @@ def restore_mailbox(context: dg.OpExecutionContext, config: RestoreRun, mailpipe
                "summary": dg.MetadataValue.text(res.summary())})
     if res.failed:
         md["failed"] = dg.MetadataValue.json(res.failed[:200])
+    if res.warnings:
+        md["warnings"] = dg.MetadataValue.json(res.warnings)
     if res.losses:
         md["not_recreated"] = dg.MetadataValue.json(res.losses)
     if not res.ok:
         raise dg.Failure(description=res.error, metadata=md, allow_retries=False)
-    if res.failed:
-        raise dg.Failure(description=f"{len(res.failed)} item(s) could not be restored (run the job again with the "
+    if res.failed_count:
+        raise dg.Failure(description=f"{res.failed_count} item(s) could not be restored (run the job again with the "
                          f"same config to retry them): {res.summary()}", metadata=md, allow_retries=False)
     context.log.info(res.summary())
     return dg.Output(None, metadata=md)
@@ -87,7 +94,10 @@ def restore_mailbox(context: dg.OpExecutionContext, config: RestoreRun, mailpipe
 
 mailbox_restore_job = dg.GraphDefinition(name="mailbox_restore_job", node_defs=[restore_mailbox]).to_job(
     description="Restore a mailbox's backup into a mailbox (run config: tenant, mailbox, snapshot or at, to, "
-    "folders, items, since, until, into or in_place, collisions, dry_run). Tag the run with tenant=<name> to "
-    "have it counted in the per-tenant run limit.",
+    "folders, items, since, until, into or in_place, collisions, dry_run). Tag the run with restore=<tenant> to "
+    "have it counted in the per-tenant restore limit (dagster.yaml).",
     executor_def=dg.in_process_executor,
+    # a restore is paced by Exchange's upload budget (~43 GB a day per mailbox): longer than a backup run's
+    # 12 h bound (dagster.yaml); it resumes where it stopped if it is stopped all the same
+    run_tags={"dagster/max_runtime": str(7 * 24 * 3600)},
 )

@@ -219,6 +219,18 @@ def classify(exc: BaseException, what: str) -> GraphError:
     return GraphError(f"{what}: unexpected {name}: {str(exc)[:300]}")
 
 
+def json_object(resp: httpx.Response, what: str) -> dict[str, Any]:
+    """The body as a JSON object; anything else (a proxy's HTML page answered with 200) is transient."""
+    try:
+        data = json.loads(resp.content) if resp.content else {}
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        raise TransientError(f"{what}: the answer is not a JSON object "
+                             f"({resp.headers.get('content-type') or 'no content type'}, {len(resp.content)} bytes)")
+    return data
+
+
 def raise_for_status(resp: httpx.Response, what: str, origin: GraphOrigin) -> None:
     """A response that is not a success → the :class:`GraphError` for it. Redirects are errors: no
     redirect is ever followed with our credentials (docs/GRAPH.md, the link-origin rule)."""
@@ -456,15 +468,7 @@ class GraphTenant:
     async def get_json(self, builder: Any, config: Any, what: str = "Graph request") -> dict[str, Any]:
         """:meth:`send`, and the body as a JSON object (anything else is a transient error: a proxy's
         error page answered with 200)."""
-        resp = await self.send(builder, config, what)
-        try:
-            data = json.loads(resp.content) if resp.content else {}
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            raise TransientError(f"{what}: the answer is not a JSON object "
-                                 f"({resp.headers.get('content-type') or 'no content type'}, {len(resp.content)} bytes)")
-        return data
+        return json_object(await self.send(builder, config, what), what)
 
     async def list_mailboxes(self, probe_concurrency: int = 16) -> MailboxListing:
         """Every user with a mailbox, filtered by the tenant's globs; users without one are reported."""

@@ -28,7 +28,7 @@ from urllib.parse import quote, urlsplit
 
 import httpx
 
-from mailpipe.graph.client import MailboxGraph, Paging, _values, raise_for_status
+from mailpipe.graph.client import MailboxGraph, Paging, _values, json_object, raise_for_status
 from mailpipe.graph.errors import NotFoundError, PermanentError, TransientError, UnsafeLinkError
 from mailpipe.graph.http import GraphOrigin, GuardedTransport, client_timeout
 
@@ -107,14 +107,7 @@ class MailboxWriter:
 
     async def _json(self, kind: str, method: str, path: str, what: str, body: Any = None, *,
                     idempotent: bool = True) -> dict[str, Any]:
-        resp = await self._send(kind, method, path, what, body, idempotent=idempotent)
-        try:
-            out = json.loads(resp.content) if resp.content else {}
-        except ValueError:
-            out = None
-        if not isinstance(out, dict):
-            raise TransientError(f"{what}: the answer is not a JSON object")
-        return out
+        return json_object(await self._send(kind, method, path, what, body, idempotent=idempotent), what)
 
     async def _pages(self, kind: str, path: str, what: str) -> AsyncIterator[list[dict[str, Any]]]:
         resp = await self._json(kind, "GET", path, what)
@@ -126,8 +119,9 @@ class MailboxWriter:
             if not link:
                 return
             url = paging.follow(link, empty_page=not page)
-            r = await self.mb._caller.call(kind, lambda: self.t.request(self._adapter, "GET", url, what), what)
-            resp = json.loads(r.content) if r.content else {}
+            resp = await self.mb._caller.call(
+                kind, lambda: self.t.request(self._adapter, "GET", url, what), what)
+            resp = json_object(resp, what)
 
     # -- folders ------------------------------------------------------------------------------------------
     async def get_folder(self, ref: str) -> dict[str, Any] | None:
@@ -188,10 +182,6 @@ class MailboxWriter:
         return await self._json("create_message", "POST", f"mailFolders/{quote(folder_id, safe='')}/messages",
                                 f"mailbox {self.mb.upn} create message", message, idempotent=False)
 
-    async def patch_message(self, message_id: str, changes: dict[str, Any]) -> dict[str, Any]:
-        return await self._json("patch", "PATCH", f"messages/{quote(message_id, safe='')}",
-                                f"mailbox {self.mb.upn} update {message_id}", changes)
-
     async def delete_message(self, message_id: str) -> None:
         try:
             await self._send("delete", "DELETE", f"messages/{quote(message_id, safe='')}",
@@ -214,8 +204,7 @@ class MailboxWriter:
                                 f"mailbox {self.mb.upn} attach {attachment.get('name')!r}", attachment,
                                 idempotent=False)
 
-    async def upload_attachment(self, message_id: str, item: dict[str, Any], data: bytes,
-                                on_progress: Callable[[int], None] | None = None) -> None:
+    async def upload_attachment(self, message_id: str, item: dict[str, Any], data: bytes) -> None:
         """A file attachment of 3–150 MB: an upload session, then ``PUT``s of at most 4 MB with
         ``Content-Range`` to the session's URL — which carries its own authorisation: no token is sent."""
         what = f"mailbox {self.mb.upn} upload {item.get('name')!r}"
@@ -244,11 +233,12 @@ class MailboxWriter:
                 if end == len(data) and await self._has_attachment(message_id, item.get("name")):
                     return  # the last piece landed, its answer was lost, and the finished session is gone
                 raise
-            if on_progress:
-                on_progress(len(piece))
             if r.status_code == 201:
                 return
-            start = _next_start(r, end)
+            nxt = _next_start(r, end)
+            if nxt <= start:  # the session does not move on: give up rather than loop
+                raise TransientError(f"{what}: the upload session keeps asking for bytes {nxt}- again")
+            start = nxt
         raise TransientError(f"{what}: the upload session did not complete after the last piece")
 
     async def _has_attachment(self, message_id: str, name: Any) -> bool:

@@ -186,7 +186,9 @@ def _check_snapshot(repo: Repository, uid: str, upn: str, info: Any, res: CheckR
             for h in names:
                 fresh = h not in chunks
                 if fresh:
-                    chunks[h] = _read(repo, h, item, res) if present is None else (0 if h in present else None)
+                    # (a chunk written after the listing, by a backup running now, is looked up again)
+                    chunks[h] = _read(repo, h, item, res) if present is None else \
+                        (0 if h in present or repo.has_chunk(h) else None)
                 n = chunks[h]
                 if n is None:
                     damaged = True

@@ -287,6 +287,9 @@ class Repository:
         """Download, decompress and hash one chunk: its length, or :class:`IntegrityError` naming ``item``."""
         return len(self._chunk(h, item))
 
+    def has_chunk(self, h: str) -> bool:
+        return bool(_HEX64.match(h)) and self.store.exists(_blob_key(h))
+
     def iter_chunk_names(self) -> Iterator[str]:
         """Every chunk in the repository (one listing of ``blobs/``)."""
         for key in self.store.list("blobs"):
@@ -398,11 +401,14 @@ class Repository:
         gives (``expect``), and page by page against its page checksums. Damage → :class:`IntegrityError`."""
         tmp = None
         try:
-            if isinstance(self.store, LocalStore):
-                path = self.store.local_path(key)
-            else:
-                path = tmp = self._local_tmp(tmp_dir, ".parquet")
-                self.store.get_file(key, tmp)
+            try:
+                if isinstance(self.store, LocalStore):
+                    path = self.store.local_path(key)
+                else:
+                    path = tmp = self._local_tmp(tmp_dir, ".parquet")
+                    self.store.get_file(key, tmp)
+            except KeyNotFound:
+                raise IntegrityError(f"{key}: missing from the repository") from None
             if expect:
                 size, digest = _file_digest(path)
                 if size != expect.get("size") or digest != expect.get("sha256"):
@@ -604,6 +610,18 @@ class Repository:
                 continue  # a damaged part only costs a lookup in the mailbox (tagged items are found there)
             yield from (r for r in rows if isinstance(r, dict))
 
+    def compact_restore_progress(self, user_id: str, restore_id: str) -> int:
+        """Merge a restore's progress parts into one (written before the old ones go: a crash in between
+        leaves duplicate rows, which readers tolerate)."""
+        keys = sorted(self.store.list(f"{self._restore_prefix(user_id, restore_id)}/progress"))
+        if len(keys) < 2:
+            return 0
+        rows = list(self.iter_restore_progress(user_id, restore_id))
+        self.write_restore_progress(user_id, restore_id, rows)
+        for key in keys:
+            self.store.delete(key)
+        return len(keys)
+
     def write_restore_result(self, user_id: str, restore_id: str, result: dict[str, Any]) -> None:
         self.store.put_bytes(f"{self._restore_prefix(user_id, restore_id)}/result.json",
                              json.dumps(result, indent=1, default=str).encode())
@@ -612,11 +630,13 @@ class Repository:
     def _lease_key(self, user_id: str, name: str = "lease.json") -> str:
         return f"mailboxes/{mailbox_dir(user_id)}/{name}"
 
-    def acquire_lease(self, user_id: str, upn: str, seconds: float, *, name: str = "lease.json") -> Lease:
+    def acquire_lease(self, user_id: str, upn: str, seconds: float, *, name: str = "lease.json",
+                      what: str = "backup of this mailbox") -> Lease:
         """Take the mailbox's backup lease for ``seconds`` (renew it with :meth:`Lease.renew`), or raise
         :class:`LeaseBusy` naming the holder. A conditional create takes a free lease; an expired one is
         taken over with a conditional replace of exactly the version that was read, so of two backups
-        racing for it one wins. No lock service is needed; the store's conditional writes are the lock."""
+        racing for it one wins. No lock service is needed; the store's conditional writes are the lock.
+        ``name``/``what``: another lease of the mailbox (a restore's)."""
         key = self._lease_key(user_id, name)
         me = {"holder": secrets.token_hex(8), "host": socket.gethostname(), "pid": os.getpid(),
               "pid_start": _process_start(os.getpid()), "upn": upn, "acquired_at": datetime.now(timezone.utc).isoformat()}
@@ -636,17 +656,19 @@ class Repository:
                 expires = datetime.fromisoformat(cur["expires_at"])
             except (ValueError, KeyError, TypeError):
                 cur, expires = {"holder": "?"}, datetime.min.replace(tzinfo=timezone.utc)  # unreadable: expired
+            if cur.get("holder") == me["holder"]:
+                return Lease(self, key, me, seconds, version)  # ours: the answer to our write was lost, not the write
             if expires > datetime.now(timezone.utc) and not _holder_dead(cur):
                 raise LeaseBusy(
-                    f"another backup of this mailbox is running (host {cur.get('host')}, pid {cur.get('pid')}, "
+                    f"another {what} is running (host {cur.get('host')}, pid {cur.get('pid')}, "
                     f"since {str(cur.get('acquired_at'))[:19]} UTC; its lease expires {str(cur.get('expires_at'))[:19]} "
                     "UTC unless renewed)", cur)
             try:
                 version = self.store.put_if_version(key, body, version)
                 return Lease(self, key, me, seconds, version)
             except (PreconditionFailed, KeyNotFound):
-                continue  # someone else took it over first (or released it): look again
-        raise LeaseBusy("another backup of this mailbox is taking its lease at the same time", {})
+                continue  # someone else took it over first (or released it), or our write landed: look again
+        raise LeaseBusy(f"another {what} is taking its lease at the same time", {})
 
 
 def _proc_stat(pid: int) -> list[bytes] | None:
@@ -699,7 +721,6 @@ class Lease:
         self.me = me
         self.seconds = seconds
         self.version = version
-        self.renewed = time.monotonic()
         self._lock = threading.Lock()  # renewals from two threads (the timer, the commit) go one at a time
 
     def renew(self) -> None:
@@ -707,10 +728,18 @@ class Lease:
             try:
                 self.version = self.repo.store.put_if_version(self.key, _lease_body(self.me, self.seconds),
                                                               self.version)
+                return
             except (PreconditionFailed, KeyNotFound):
-                raise LeaseBusy("this backup's lease on the mailbox was lost (it expired and another backup took "
-                                "it over); stopped without committing", {}) from None
-            self.renewed = time.monotonic()
+                pass
+            try:  # the write may have landed and only its answer been lost (a retried PUT then sees 412)
+                raw, version = self.repo.store.get_versioned(self.key)
+                if json.loads(raw).get("holder") == self.me["holder"]:
+                    self.version = version
+                    return
+            except (KeyNotFound, ValueError, AttributeError):
+                pass
+            raise LeaseBusy("this lease was lost (it expired and another run took it over); stopped without "
+                            "committing", {})
 
     def release(self) -> None:
         with self._lock:

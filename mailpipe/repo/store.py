@@ -318,7 +318,8 @@ class S3Store:
         return StoreError(f"storage {self.describe()}: S3 {what}: {code}")
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, NoCredentialsError
+        from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError, HTTPClientError
+        from botocore.exceptions import NoCredentialsError
 
         for attempt in range(1, self.attempts + 1):
             try:
@@ -335,7 +336,7 @@ class S3Store:
             except NoCredentialsError:
                 raise StoreError(f"storage {self.describe()}: no AWS credentials found — set AWS_ACCESS_KEY_ID "
                                  "and AWS_SECRET_ACCESS_KEY, a profile (AWS_PROFILE) or an instance/task role") from None
-            except BotoConnectionError as e:
+            except (BotoConnectionError, HTTPClientError) as e:  # refused, reset, closed mid-response
                 if attempt == self.attempts:
                     raise StoreError(f"storage {self.describe()}: cannot reach the S3 endpoint "
                                      f"({type(e).__name__}) — check `s3.endpoint_url` and the network") from None

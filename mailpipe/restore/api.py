@@ -71,7 +71,9 @@ class RestoreResult:
     completed: int = 0                     # found half-made (an earlier run died mid-item) and completed here
     skipped_present: int = 0               # already in the target folder (collisions: skip)
     replaced: int = 0                      # created anew, the colliding item deleted (collisions: replace)
-    failed: list[dict[str, Any]] = field(default_factory=list)   # [{item_id, folder_path, reason}]
+    failed_count: int = 0                  # items that could not be restored (a new run tries them again)
+    failed: list[dict[str, Any]] = field(default_factory=list)   # the first 1,000: [{item_id, folder_path, reason}]
+    warnings: list[str] = field(default_factory=list)             # e.g. a restore continued from an earlier run
     losses: dict[str, int] = field(default_factory=dict)         # what could not be recreated → items
     folders: list[FolderPlan] = field(default_factory=list)
     bytes_uploaded: int = 0
@@ -93,7 +95,7 @@ class RestoreResult:
                                                                   else " (in place)")
                     + f"; about {self.expected_seconds:.0f} s")
         return (f"{self.upn} → {self.target}: {self.restored} restored, {self.resumed + self.completed} from an earlier "
-                f"run, {self.skipped_present} already present, {self.replaced} replaced, {len(self.failed)} failed "
+                f"run, {self.skipped_present} already present, {self.replaced} replaced, {self.failed_count} failed "
                 f"({self.bytes_uploaded:,} bytes uploaded, {self.requests} requests, {self.throttled} throttled, "
                 f"{self.upload_wait_seconds:.0f} s paced, {self.seconds:.1f} s)")
 

@@ -92,7 +92,7 @@ def _restore(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**res.metrics(), "ok": res.ok, "error": res.error, "restore_id": res.restore_id,
                           "snapshot_id": res.snapshot_id, "target_root": res.target_root, "failed": res.failed,
-                          "losses": res.losses}))
+                          "losses": res.losses, "warnings": res.warnings}))
     elif res.ok and res.dry_run:
         print(f"{'folder':48} {'restored into':48} {'items':>7} {'bytes':>14}")
         for f in res.folders:
@@ -100,13 +100,15 @@ def _restore(args: argparse.Namespace) -> int:
         print(res.summary())
     else:
         print(res.summary())
+        for w in res.warnings:
+            print(f"  note: {w}")
         for f in res.failed[:50]:
             print(f"  failed {f['item_id']} in /{'/'.join(f.get('folder_path') or [])}: {f['reason']}")
         for loss, n in sorted(res.losses.items()):
             print(f"  not recreated: {loss} ({n} items; `mailpipe export` has the original MIME)")
     if not res.ok:
         return 2
-    return 1 if res.failed else 0
+    return 1 if res.failed_count else 0
 
 
 def _duration(seconds: float) -> str:

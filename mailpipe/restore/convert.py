@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import json
 import email.utils
 import hashlib
 from dataclasses import dataclass, field
@@ -50,9 +51,6 @@ class Attachment:
     def size(self) -> int:
         return len(self.data) if self.item is None else len(str(self.item))
 
-    def key(self) -> tuple[str, int]:
-        """How an attachment is recognised in a message that already has some (a resumed restore)."""
-        return (self.name, len(self.data) if self.item is None else -1)
 
 
 @dataclass
@@ -62,11 +60,6 @@ class RestoreMessage:
     attachments: list[Attachment] = field(default_factory=list)
     losses: list[str] = field(default_factory=list)  # what cannot be recreated (for the summary)
 
-    @property
-    def upload_bytes(self) -> int:
-        """Request-body bytes the restore of this message sends (for pacing and estimates)."""
-        body = len(str(self.message))
-        return body + sum(a.size * 4 // 3 if a.size < 3 * 1024 * 1024 else a.size for a in self.attachments)
 
 
 def _addresses(msg: EmailMessage, name: str) -> list[dict[str, Any]]:
@@ -143,7 +136,7 @@ def convert(mime: bytes, *, received_at: datetime | None, is_read: bool | None, 
         out["flag"] = {"flagStatus": flag_status}
     atts, body_losses = _attachments(msg, out)
     losses += body_losses
-    if len(str(out.get("body", {}).get("content", ""))) > MAX_JSON_BYTES:
+    if len(json.dumps(out.get("body", {}).get("content", ""))) > MAX_JSON_BYTES:  # as sent: bytes, escapes
         # Graph refuses bodies this large in one request: keep the full body as an attachment instead
         body = out["body"]
         atts.insert(0, Attachment(f"body.{'html' if body['contentType'] == 'html' else 'txt'}",

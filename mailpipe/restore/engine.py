@@ -35,6 +35,7 @@ from typing import Any
 from mailpipe.config import TenantConfig
 from mailpipe.errors import UserError
 from mailpipe.graph.errors import GraphError
+from mailpipe.repo.repository import IntegrityError
 from mailpipe.restore.api import FolderPlan, ProgressCallback, RestoreRequest, RestoreResult
 from mailpipe.restore.convert import MAX_JSON_BYTES, TAG_PROPERTY, Attachment, RestoreMessage, convert, fingerprint
 from mailpipe.settings import Settings
@@ -47,11 +48,16 @@ WELL_KNOWN = {  # well-known folder name → its English display name (a fallbac
 }
 STORE_THREADS = 8
 PROGRESS_SECONDS = 5.0
+PROGRESS_COMPACT_PARTS = 64   # progress parts merged into one every so often: a resume reads few objects
+MAX_FAILED_LISTED = 1000      # failed items listed in the result (all are counted)
 
 
-def _restore_id(tenant: str, source: str, snapshot: str, target: str, req: RestoreRequest, root: str | None) -> str:
-    key = json.dumps([tenant, source, snapshot, target, sorted(f.casefold() for f in req.folders), sorted(req.items),
-                      str(req.since), str(req.until), root, req.in_place, req.collisions])
+def _restore_id(tenant: str, source: str, target: str, req: RestoreRequest) -> str:
+    """A restore's identity: the request *as given* (``latest`` stays ``latest``), so that the same command
+    started again is the same restore — it continues from the snapshot and folder its first run pinned in
+    ``plan.json``, even after a backup has committed a newer snapshot meanwhile."""
+    key = json.dumps([tenant, source, target, req.snapshot, str(req.at), sorted(f.casefold() for f in req.folders),
+                      sorted(req.items), str(req.since), str(req.until), req.into, req.in_place, req.collisions])
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
@@ -140,6 +146,8 @@ async def restore(tenant: TenantConfig, req: RestoreRequest, *, settings: Settin
         result.error, result.error_kind = str(e), "usage"
     except GraphError as e:  # the target mailbox, credentials, or Graph beyond its retries
         result.error, result.error_kind = str(e), e.kind
+    except IntegrityError as e:  # the snapshot's files are damaged (`mailpipe check` says more)
+        result.error, result.error_kind = f"the repository is damaged: {e}", "storage"
     finally:
         pool.shutdown(wait=True)
         result.seconds = round(time.monotonic() - t0, 3)
@@ -167,6 +175,9 @@ class RestoreJob:
         self._ckpt_at = time.monotonic()
         self._progress_at = 0.0
         self._done_items = 0
+        self._fatal: BaseException | None = None
+        self._ckpt_parts = 0
+        self.warnings = result.warnings
 
     async def _io(self, fn: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn)
@@ -177,12 +188,17 @@ class RestoreJob:
             yield [row for row in b.to_pylist() if _selected(row, self.req, self.prefixes)]
 
     # -- choose and plan ---------------------------------------------------------------------------------
-    async def plan(self) -> None:
+    async def plan(self, pinned: dict[str, Any] | None = None) -> None:
+        """Choose the snapshot and the items, and where they go. ``pinned``: the plan of an earlier run of
+        this restore, whose snapshot and target folder are kept."""
         req, r = self.req, self.r
         self.source_uid = await self._io(lambda: self.repo.find_mailbox(req.upn))
         if self.source_uid is None:
             raise UserError(f"no backup of mailbox {req.upn!r} in {self.repo.store.describe()}")
-        self.snap = await self._io(lambda: choose_snapshot(self.repo, self.source_uid, req))
+        if pinned:
+            self.snap = await self._io(lambda: self.repo.read_snapshot(self.source_uid, pinned["snapshot_id"]))
+        else:
+            self.snap = await self._io(lambda: choose_snapshot(self.repo, self.source_uid, req))
         r.snapshot_id = self.snap.snapshot_id
         table = await self._io(lambda: self.repo.read_folders(self.source_uid, self.snap.snapshot_id, tmp_dir=self.work))
         self.folder_paths = {f["folder_id"]: tuple(f["path"] or ()) for f in table.to_pylist()}
@@ -217,7 +233,7 @@ class RestoreJob:
         for p in list(paths):
             paths.update(p[:i] for i in range(1, len(p)))
         self.needed = sorted((p for p in paths if p), key=lambda p: (len(p), p))
-        self.root = None if req.in_place else (req.into or
+        self.root = None if req.in_place else (pinned["root"] if pinned else req.into or
                                                f"Restored {self.snap.committed_at.astimezone(timezone.utc):%Y-%m-%d %H.%M.%S} UTC")
         r.target_root = self.root
         self.target_of = {p: (p if self.root is None else (self.root, *p)) for p in self.needed}
@@ -241,18 +257,29 @@ class RestoreJob:
         async with GraphTenant.from_config(self.tenant.for_restore(), self.s, **graph_options) as graph:
             target = await graph.resolve_mailbox(r.target)
             self.target_uid = target.id
-            rid = _restore_id(self.tenant.name, self.source_uid, self.snap.snapshot_id, target.id, req, self.root)
+            rid = _restore_id(self.tenant.name, self.source_uid, target.id, req)
             r.restore_id = rid
             mb = graph.mailbox(target.id, target.upn)
             writer = MailboxWriter(mb)
-            lease = await self._io(lambda: self.repo.acquire_lease(target.id, target.upn, self.s.lease_seconds,
-                                                                   name=f"restores/{rid}/lease.json"))
+            lease = await self._lease_io(lambda: self.repo.acquire_lease(
+                target.id, target.upn, self.s.lease_seconds, name=f"restores/{rid}/lease.json",
+                what="run of this restore"))
             renewer = asyncio.create_task(self._renew(lease))
             try:
-                resuming = await self._io(lambda: self.repo.read_restore_plan(target.id, rid)) is not None
-                done = {row["source"]: row for row in await self._io(
-                    lambda: list(self.repo.iter_restore_progress(target.id, rid)))} if resuming else {}
-                if not resuming:
+                plan = await self._io(lambda: self.repo.read_restore_plan(target.id, rid))
+                done: set[str] = set()
+                if plan:
+                    if (plan.get("snapshot_id"), plan.get("root")) != (self.snap.snapshot_id, self.root):
+                        await self.plan(pinned=plan)  # the snapshot and folder the first run chose
+                    self.warnings.append(f"continuing restore {rid}, started {str(plan.get('started_at'))[:19]} UTC "
+                                         f"from snapshot {self.snap.snapshot_id}")
+
+                    def read_done() -> None:
+                        for row in self.repo.iter_restore_progress(target.id, rid):
+                            done.add(row["source"])
+
+                    await self._io(read_done)
+                else:
                     await self._io(lambda: self.repo.write_restore_plan(target.id, rid, {
                         "request": {k: v for k, v in req.__dict__.items()}, "source": self.source_uid,
                         "snapshot_id": self.snap.snapshot_id, "target": target.id, "root": self.root,
@@ -264,21 +291,32 @@ class RestoreJob:
                 renewer.cancel()
                 await asyncio.gather(renewer, return_exceptions=True)
                 await self._flush(force=True)
-                await self._io(lease.release)
+                await self._lease_io(lease.release)
                 await writer.aclose()
                 r.requests = mb.stats.requests
                 r.throttled = mb.stats.throttled
                 r.upload_wait_seconds = round(writer.budget.waited, 1)
                 await graph.release(mb.user_id)
+            if self._fatal is not None:
+                raise self._fatal
             await self._io(lambda: self.repo.write_restore_result(target.id, rid, {
                 k: v for k, v in r.__dict__.items() if k != "folders"}))
 
+    async def _lease_io(self, fn: Any) -> Any:
+        """Lease calls on the default executor: never queued behind the store pool's reads."""
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
+
     async def _renew(self, lease: Any) -> None:
+        from mailpipe.repo.repository import LeaseBusy
+
         while True:
             await asyncio.sleep(lease.seconds / 3)
             try:
-                await self._io(lease.renew)
-            except Exception as e:  # lost or unreachable: the next renewal tries again; nothing is deleted by it
+                await self._lease_io(lease.renew)
+            except LeaseBusy as e:  # another run of this restore took over: stop creating (no duplicates)
+                self._fatal = e
+                return
+            except Exception as e:  # unreachable: the next renewal tries again
                 log.warning("restore %s: could not renew its lease: %s", self.r.restore_id, e)
 
     async def _folders(self, writer: Any, graph: Any, mb: Any) -> dict[tuple[str, ...], str]:
@@ -328,9 +366,11 @@ class RestoreJob:
         return out
 
     async def _existing(self, writer: Any, folder_ids: set[str], rid: str) -> dict[str, Any]:
-        """What the target folders hold: messages this restore made (by source item), and the others' keys."""
+        """What the target folders hold: messages this restore made (by source item), and the others' keys
+        (hashed to keep memory per message small; with ids only under ``replace``, which deletes them)."""
         ours: dict[str, tuple[str, str]] = {}           # source item id → (created id, folder id)
-        by_key: dict[tuple[str, str], list[str]] = {}   # (folder id, internetMessageId or fingerprint) → ids
+        by_key: dict[int, list[str] | None] = {}        # hash(folder id, internetMessageId or fingerprint) → ids
+        keep_ids = self.req.collisions == "replace"
         for fid in folder_ids:
             async for page in writer.list_messages(fid, ["id", "internetMessageId", "subject", "sentDateTime"],
                                                    TAG_PROPERTY):
@@ -340,17 +380,22 @@ class RestoreJob:
                     if isinstance(tag, str) and tag.startswith(f"{rid}:"):
                         ours[tag.split(":", 1)[1]] = (m["id"], fid)
                         continue
-                    key = m.get("internetMessageId") or fingerprint(m.get("subject"), m.get("sentDateTime"))
-                    by_key.setdefault((fid, key), []).append(m["id"])
+                    key = hash((fid, m.get("internetMessageId") or fingerprint(m.get("subject"), m.get("sentDateTime"))))
+                    if keep_ids:
+                        by_key.setdefault(key, []).append(m["id"])  # type: ignore[union-attr]
+                    else:
+                        by_key[key] = None
         return {"ours": ours, "by_key": by_key}
 
     async def _items(self, writer: Any, folder_ids: dict[tuple[str, ...], str], existing: dict[str, Any],
-                     done: dict[str, dict[str, Any]], rid: str) -> None:
+                     done: set[str], rid: str) -> None:
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(maxsize=64)
         nworkers = self.tenant.limits.concurrent_requests_per_mailbox + 2
 
         async def worker() -> None:
             while (row := await queue.get()) is not None:
+                if self._fatal is not None:
+                    continue  # drain: the restore is stopping
                 try:
                     await self._one(writer, row, folder_ids, existing, done, rid)
                 except Exception as e:  # this item fails; the restore goes on (and a new run retries it)
@@ -358,16 +403,18 @@ class RestoreJob:
 
                     if not isinstance(e, (GraphError, UserError)):
                         log.exception("restore of item %s failed", row["item_id"])
-                    self.r.failed.append({"item_id": row["item_id"], "folder_path": row.get("folder_path"),
-                                          "reason": str(e)[:500]})
+                    self._failed(row, str(e))
                 self._done_items += 1
-                await self._flush()
+                try:
+                    await self._flush()
+                except Exception as e:  # the repository is away: the rows stay queued for the next flush
+                    log.warning("restore %s: could not record its progress (will retry): %s", rid, e)
                 self._report(writer)
 
         workers = [asyncio.create_task(worker()) for _ in range(nworkers)]
         try:
             batches = await self._io(self._selected_batches)
-            while (rows := await self._io(lambda: next(batches, None))) is not None:
+            while self._fatal is None and (rows := await self._io(lambda: next(batches, None))) is not None:
                 for row in rows:
                     await queue.put(row)
             for _ in workers:
@@ -378,8 +425,14 @@ class RestoreJob:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
+    def _failed(self, row: dict[str, Any], reason: str) -> None:
+        self.r.failed_count += 1
+        if len(self.r.failed) < MAX_FAILED_LISTED:
+            self.r.failed.append({"item_id": row["item_id"], "folder_path": row.get("folder_path"),
+                                  "reason": reason[:500]})
+
     async def _one(self, writer: Any, row: dict[str, Any], folder_ids: dict[tuple[str, ...], str],
-                   existing: dict[str, Any], done: dict[str, dict[str, Any]], rid: str) -> None:
+                   existing: dict[str, Any], done: set[str], rid: str) -> None:
         from mailpipe.graph.errors import TransientError
 
         item = row["item_id"]
@@ -394,17 +447,18 @@ class RestoreJob:
                      flag_status=row.get("flag_status"), categories=row.get("categories"), tag=tag)
         for loss in rm.losses:
             self.r.losses[loss.split(" (")[0]] = self.r.losses.get(loss.split(" (")[0], 0) + 1
+        key = hash((fid, rm.message.get("internetMessageId") or fingerprint(rm.message.get("subject"), rm.sent_at)))
+        collides = key in existing["by_key"]
         ours = existing["ours"].get(item)
         if ours is not None:  # made by an earlier run of this restore, which died before recording it
             await self._attachments(writer, ours[0], rm.attachments, resume=True)
+            await self._replace(writer, existing["by_key"].get(key))
             self.r.completed += 1
             self._record(item, ours[0], fid, "done")
             return
-        key = rm.message.get("internetMessageId") or fingerprint(rm.message.get("subject"), rm.sent_at)
-        collides = existing["by_key"].get((fid, key), [])
         if collides and self.req.collisions == "skip":
             self.r.skipped_present += 1
-            self._record(item, collides[0], fid, "present")
+            self._record(item, "", fid, "present")
             return
         # small attachments travel with the message: one request for most messages
         message, rest = _with_inline_attachments(rm)
@@ -414,22 +468,33 @@ class RestoreJob:
             try:
                 created = (await writer.create_message(fid, message))["id"]
                 break
-            except TransientError as e:  # applied or not? the tag says
+            except TransientError as e:  # applied or not? the tag says (Exchange may still be committing it)
                 last = e
-                found = await writer.find_tagged(fid, TAG_PROPERTY, tag)
-                if found:
-                    created = found[0]["id"]
+                for _ in range(2):
+                    await asyncio.sleep(self.s.item_retry_delay)
+                    found = await writer.find_tagged(fid, TAG_PROPERTY, tag)
+                    if found:
+                        created = found[0]["id"]
+                        for extra in found[1:]:  # made twice by ambiguous retries: keep one
+                            await writer.delete_message(extra["id"])
+                        break
+                if created is not None:
                     break
         if created is None:
             raise last or TransientError("could not create the message")
         self.r.bytes_uploaded += len(json.dumps(message))
         await self._attachments(writer, created, rest, resume=False)
         if collides and self.req.collisions == "replace":
-            for old in collides:
-                await writer.delete_message(old)
+            await self._replace(writer, existing["by_key"].get(key))
             self.r.replaced += 1
         self.r.restored += 1
         self._record(item, created, fid, "done")
+
+    async def _replace(self, writer: Any, old_ids: list[str] | None) -> None:
+        """``--collisions replace``: the colliding items go once the restored one exists (not before)."""
+        if self.req.collisions == "replace":
+            for old in old_ids or ():
+                await writer.delete_message(old)
 
     async def _attachments(self, writer: Any, message_id: str, attachments: list[Attachment], *,
                            resume: bool) -> None:
@@ -481,7 +546,14 @@ class RestoreJob:
         rows, self._ckpt = self._ckpt, []
         self._ckpt_at = time.monotonic()
         rid = self.r.restore_id
-        await self._io(lambda: self.repo.write_restore_progress(self.target_uid, rid, rows))
+        try:
+            await self._io(lambda: self.repo.write_restore_progress(self.target_uid, rid, rows))
+        except BaseException:
+            self._ckpt = rows + self._ckpt  # recorded by the next flush
+            raise
+        self._ckpt_parts += 1
+        if self._ckpt_parts % PROGRESS_COMPACT_PARTS == 0:
+            await self._io(lambda: self.repo.compact_restore_progress(self.target_uid, rid))
 
     def _report(self, writer: Any) -> None:
         if self.progress is None or time.monotonic() - self._progress_at < PROGRESS_SECONDS \
@@ -490,4 +562,4 @@ class RestoreJob:
         self._progress_at = time.monotonic()
         self.progress({"phase": "items", "done": self._done_items, "total": self.total, "restored": self.r.restored,
                        "bytes_uploaded": self.r.bytes_uploaded, "upload_wait_seconds": round(writer.budget.waited, 1),
-                       "throttled": writer.mb.stats.throttled, "failed": len(self.r.failed)})
+                       "throttled": writer.mb.stats.throttled, "failed": self.r.failed_count})
