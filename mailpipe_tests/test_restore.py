@@ -269,11 +269,12 @@ def test_a_restore_killed_midway_resumes_without_duplicates(tmp_path):
 
 
 def test_a_restore_that_hits_the_upload_budget_finishes_paced(sim_factory, tmp_path):
-    """Exchange's 150 MB per 5 minutes, scaled down: 1.5 MB per 2 s, for a restore of > 3 MB."""
+    """Exchange's 150 MB per 5 minutes, scaled down: 1.5 MB per 2 s, for a restore of > 3 MB. The client keeps
+    a wider margin than in production: at a 2 s window, request-latency jitter under load is a real share."""
     sim = sim_factory(users=2, messages_per_mailbox=30, seed=14,
                       limits=LimitConfig(upload_bytes=1_500_000, upload_window_seconds=2.0))
     a, b = users(sim)[:2]
-    t = make_tenant(sim, str(tmp_path / "repo"), limits=Limits(upload_bytes_per_5min_per_mailbox=1_450_000))
+    t = make_tenant(sim, str(tmp_path / "repo"), limits=Limits(upload_bytes_per_5min_per_mailbox=1_250_000))
     [ra] = backup(t, [a])
     res = asyncio.run(restore_mailbox(t, RestoreRequest(upn=a, to=b), settings=TEST_SETTINGS,
                                       graph_options={**FAST, "upload_window_seconds": 2.0}))

@@ -35,10 +35,14 @@ class RestoreRun(dg.Config):
     dry_run: bool = Field(False, description="plan only: what would be restored, nothing written")
 
 
-def _when(v: str | None) -> datetime | None:
+def _when(v: str | None, name: str) -> datetime | None:
     if not v:
         return None
-    d = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    try:
+        d = datetime.fromisoformat(v.replace("Z", "+00:00"))
+    except ValueError:
+        raise dg.Failure(description=f"{name}: not an ISO date/time (e.g. 2026-11-01T00:00Z): {v!r}",
+                         allow_retries=False) from None
     return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
 
 

@@ -99,11 +99,15 @@ class MailboxWriter:
     async def _send(self, kind: str, method: str, path: str, what: str, body: Any = None, *,
                     idempotent: bool = True) -> httpx.Response:
         data = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
-        if data is not None and method in ("POST", "PUT", "PATCH"):
-            await self.budget.acquire(len(data))
-        return await self.mb._caller.call(
-            kind, lambda: self.t.request(self._adapter, method, f"{self._base}/{path}", what, body=data), what,
-            idempotent=idempotent)
+
+        async def attempt() -> httpx.Response:
+            # charged when it is sent (inside the limiter's slot), and again for every retry: the client's
+            # window then runs in step with the server's
+            if data is not None and method in ("POST", "PUT", "PATCH"):
+                await self.budget.acquire(len(data))
+            return await self.t.request(self._adapter, method, f"{self._base}/{path}", what, body=data)
+
+        return await self.mb._caller.call(kind, attempt, what, idempotent=idempotent)
 
     async def _json(self, kind: str, method: str, path: str, what: str, body: Any = None, *,
                     idempotent: bool = True) -> dict[str, Any]:
@@ -219,10 +223,10 @@ class MailboxWriter:
         while start < len(data):
             end = min(start + UPLOAD_CHUNK, len(data))
             piece = data[start:end]
-            await self.budget.acquire(len(piece))
             headers = {"Content-Range": f"bytes {start}-{end - 1}/{len(data)}", "Content-Type": "application/octet-stream"}
 
             async def put(piece: bytes = piece, headers: dict[str, str] = headers) -> httpx.Response:
+                await self.budget.acquire(len(piece))
                 r = await client.put(url, content=piece, headers=headers)
                 raise_for_status(r, what, GraphOrigin(url))
                 return r
