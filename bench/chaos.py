@@ -65,7 +65,7 @@ def _truth(sim) -> dict[str, dict[str, tuple[tuple[str, ...], str]]]:
 def _damage(repo, truth_items: set[str], rng: random.Random) -> list[str]:
     """Corrupt one chunk and delete another, both used by items that still exist (and are not drafts:
     their content is what a re-download gives back)."""
-    import zstandard
+    from mailpipe_tests.damage import corrupt_chunk, delete_chunk
 
     candidates = []
     for uid, _ in repo.list_mailboxes():
@@ -73,11 +73,8 @@ def _damage(repo, truth_items: set[str], rng: random.Random) -> list[str]:
             candidates += [r["chunks"][0] for r in b.to_pylist()
                            if r["item_id"] in truth_items and not r["is_draft"] and len(r["chunks"]) == 1]
     corrupt, delete = rng.sample(sorted(set(candidates)), 2)
-    key = f"blobs/{corrupt[:2]}/{corrupt}"
-    raw = zstandard.ZstdDecompressor().decompress(repo.store.get_bytes(key))
-    i = rng.randrange(len(raw))
-    repo.store.put_bytes(key, zstandard.ZstdCompressor().compress(raw[:i] + bytes([raw[i] ^ 0x20]) + raw[i + 1:]))
-    repo.store.delete(f"blobs/{delete[:2]}/{delete}")
+    corrupt_chunk(repo, corrupt, at=rng.randrange(1 << 20))
+    delete_chunk(repo, delete)
     return [corrupt, delete]
 
 

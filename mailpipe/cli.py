@@ -13,7 +13,8 @@ import sys
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = (
     "mailpipe.sim.cli",      # sim serve
-    "mailpipe.repo.cli",     # snapshots, export
+    "mailpipe.repo.cli",     # snapshots, export, check, forget
+    "mailpipe.repo.maint_cli",  # prune, key, migrate
     "mailpipe.backup.cli",   # backup
     "mailpipe.restore.cli",  # restore
     "mailpipe.defs.cli",     # discover, demo

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from mailpipe.errors import UserError
+from mailpipe.repo.retention import RetentionConfig, parse_retention
 
 TENANTS_ENV = "MAILPIPE_TENANTS"
 HOME_ENV = "MAILPIPE_HOME"  # where the demo keeps its repository and simulator state
@@ -58,6 +59,13 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class EncryptionConfig:
+    """Client-side encryption of a new repository (docs/FORMAT.md, "Encryption"): the passphrase is read
+    from the environment variable ``passphrase_env`` (never from the file)."""
+    passphrase_env: str
+
+
+@dataclass(frozen=True)
 class RestoreConfig:
     """Write credentials for restores: a separate app registration (``Mail.ReadWrite``), so that the backup
     app can stay read-only. ``client_id`` defaults to the tenant's."""
@@ -66,9 +74,21 @@ class RestoreConfig:
 
 
 @dataclass(frozen=True)
+class ObjectLockConfig:
+    """S3 Object Lock on what the repository writes once (content, indexes, keys, committed snapshots):
+    each such object is locked in ``mode`` for ``days`` from its upload (docs/CONFIG.md, "Object Lock")."""
+    mode: str  # "GOVERNANCE" or "COMPLIANCE"
+    days: int
+
+    MODES = ("GOVERNANCE", "COMPLIANCE")
+    MAX_DAYS = 36500
+
+
+@dataclass(frozen=True)
 class S3Config:
     endpoint_url: str | None = None
     region: str | None = None
+    object_lock: ObjectLockConfig | None = None  # None: objects are written without a retention date
 
 
 @dataclass(frozen=True)
@@ -107,6 +127,8 @@ class TenantConfig:
     # Options of the embedded simulator (only for graph_url == EMBEDDED_SIM_URL), e.g. {"users": 8}.
     simulator: dict[str, Any] = field(default_factory=dict)
     restore: RestoreConfig | None = None  # write credentials for restores (default: the tenant's own)
+    retention: RetentionConfig | None = None  # which snapshots `forget` keeps (None: all of them)
+    encryption: EncryptionConfig | None = None  # client-side encryption (chosen when the repository is created)
 
     @property
     def uses_embedded_simulator(self) -> bool:
@@ -202,7 +224,7 @@ def parse_tenants(doc: Any, source: str = "<tenants>") -> list[TenantConfig]:
 
 _TENANT_FIELDS = {
     "name", "tenant_id", "client_id", "auth", "graph_url", "authority", "ca_bundle", "storage", "s3",
-    "mailboxes", "limits", "simulator", "restore",
+    "mailboxes", "limits", "simulator", "restore", "encryption", "retention",
 }
 
 
@@ -248,10 +270,11 @@ def _parse_tenant(raw: Any, where: str) -> TenantConfig:
     if ca_bundle is not None and (not isinstance(ca_bundle, str) or not Path(ca_bundle).is_file()):
         raise err("ca_bundle", f"not a readable file: {ca_bundle!r}")
 
-    s3_raw = _mapping(raw.get("s3"), "s3", err, {"endpoint_url", "region"})
+    s3_raw = _mapping(raw.get("s3"), "s3", err, {"endpoint_url", "region", "object_lock"})
     s3 = S3Config(
         endpoint_url=_opt_str(s3_raw.get("endpoint_url"), "s3.endpoint_url", err),
         region=_opt_str(s3_raw.get("region"), "s3.region", err),
+        object_lock=_object_lock(s3_raw.get("object_lock"), storage, err),
     )
     mb_raw = _mapping(raw.get("mailboxes"), "mailboxes", err, {"include", "exclude"})
     mailboxes = MailboxFilter(
@@ -279,6 +302,14 @@ def _parse_tenant(raw: Any, where: str) -> TenantConfig:
     if not isinstance(sim, dict):
         raise err("simulator", "expected a mapping of simulator options")
     restore = None
+    encryption = None
+    if raw.get("encryption") is not None:
+        e_raw = _mapping(raw.get("encryption"), "encryption", err, {"passphrase_env"})
+        env_name = e_raw.get("passphrase_env")
+        if not isinstance(env_name, str) or not _ENV_NAME_RE.match(env_name):
+            raise err("encryption.passphrase_env", "must name an environment variable (the passphrase itself "
+                      "never goes in this file)")
+        encryption = EncryptionConfig(passphrase_env=env_name)
     if raw.get("restore") is not None:
         r_raw = _mapping(raw.get("restore"), "restore", err, {"auth", "client_id"})
 
@@ -296,6 +327,7 @@ def _parse_tenant(raw: Any, where: str) -> TenantConfig:
         name=name, tenant_id=guid("tenant_id"), client_id=guid("client_id"), auth=auth, storage=storage,
         graph_url=graph_url, authority=authority, ca_bundle=ca_bundle, s3=s3, mailboxes=mailboxes,
         limits=limits, simulator=dict(sim), restore=restore,
+        retention=parse_retention(raw.get("retention"), err), encryption=encryption,
     )
 
 
@@ -324,6 +356,23 @@ def _parse_auth(raw: Any, err) -> AuthConfig:
     if v is not True:
         raise err(f"auth.{k}", "must be true")
     return AuthConfig(managed_identity=True) if k == "managed_identity" else AuthConfig(simulator=True)
+
+
+def _object_lock(v: Any, storage: str, err) -> ObjectLockConfig | None:
+    if v is None:
+        return None
+    fld = "s3.object_lock"
+    if not storage.startswith("s3://"):
+        raise err(fld, "S3 Object Lock needs an s3:// storage; a local repository cannot be locked "
+                       "(remove object_lock, or use an S3 bucket created with Object Lock enabled)")
+    raw = _mapping(v, fld, err, {"mode", "days"})
+    mode = raw.get("mode")
+    if not isinstance(mode, str) or mode.upper() not in ObjectLockConfig.MODES:
+        raise err(f"{fld}.mode", f"expected GOVERNANCE or COMPLIANCE (got {mode!r})")
+    if "days" not in raw:
+        raise err(f"{fld}.days", "required: how many days each object stays locked after it is written")
+    days = _pos_int(raw["days"], f"{fld}.days", err, ObjectLockConfig.MAX_DAYS)
+    return ObjectLockConfig(mode=mode.upper(), days=days)
 
 
 def _url(v: Any, fld: str, err, allow_sim: bool) -> str:

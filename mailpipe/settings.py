@@ -68,6 +68,8 @@ TABLE: tuple[Setting, ...] = tuple(Setting(*row) for row in (
      "read-back (damage that `mailpipe check` finds is still repaired)"),
     ("lease_seconds", "MAILPIPE_LEASE_SECONDS", 1,
      "a mailbox's backup lease expires this long after its holder's last renewal"),
+    ("prune_safety", "MAILPIPE_PRUNE_SAFETY", 0,
+     "prune: packs younger than this are never deleted, and a prune plan is carried out no sooner, seconds"),
     ("work_dir", "MAILPIPE_WORK_DIR", None,
      "working state of running backups (mode 0700); default $MAILPIPE_HOME/work or ./.mailpipe/work"),
     ("max_parallel_mailboxes", "MAILPIPE_PARALLEL_MAILBOXES", 1,
@@ -88,6 +90,12 @@ TABLE: tuple[Setting, ...] = tuple(Setting(*row) for row in (
      "failed mailboxes re-launched per sensor tick at most"),
     ("run_retry_grace", "MAILPIPE_RUN_RETRY_GRACE", 0,
      "seconds the sensor waits for Dagster's automatic run retry to appear before retrying itself"),
+    ("maintenance_cron", "MAILPIPE_MAINTENANCE_CRON", None,
+     "the repository maintenance schedule (forget, then prune; one run per tenant), cron, UTC"),
+    ("sample_check_cron", "MAILPIPE_SAMPLE_CHECK_CRON", None,
+     "the schedule of the content sample check (reads one slice of every repository's chunks), cron, UTC"),
+    ("sample_check_days", "MAILPIPE_SAMPLE_CHECK_DAYS", 1,
+     "slices of the content sample: each day's run reads one, so every chunk is read once in this many days"),
 ))
 
 # Names that meant something else once: refused with the new names, never silently ignored.
@@ -110,13 +118,14 @@ class Settings:
     graph_response_timeout: float = 120.0
     graph_min_transfer_rate: int = 4096
     graph_slow_body_grace: float = 30.0
-    checkpoint_seconds: float = 2.0
-    checkpoint_items: int = 25
+    checkpoint_seconds: float = 10.0
+    checkpoint_items: int = 1000
     mailbox_deadline: float = 6 * 3600.0
     item_retry_delay: float = 2.0
     verify_min_chunks: int = 2000
     verify_cycle: int = 30
     lease_seconds: float = 300.0
+    prune_safety: float = 3600.0
     work_dir: str = ""
     max_parallel_mailboxes: int = 32
     batch_size: int = 25
@@ -127,6 +136,9 @@ class Settings:
     mailbox_retry_backoff: int = 120
     mailbox_retry_per_tick: int = 100
     run_retry_grace: int = 180
+    maintenance_cron: str = "0 4 * * 0"
+    sample_check_cron: str = "0 8 * * *"
+    sample_check_days: int = 30
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

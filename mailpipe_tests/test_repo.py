@@ -14,6 +14,7 @@ import pytest
 
 from mailpipe.config import AuthConfig, S3Config, TenantConfig
 from mailpipe.repo import IntegrityError, LocalStore, RepositoryError, S3Store, mailbox_dir, open_repository
+from mailpipe_tests.damage import corrupt_chunk, delete_chunk, delete_pack_of
 from mailpipe_tests.helpers import S3Errors
 from mailpipe.repo import chunking
 from mailpipe.repo.export import export_snapshot, safe_name
@@ -151,11 +152,11 @@ def test_uncommitted_snapshot_files_are_invisible_and_interrupted_writes_never_l
     d = root / "mailboxes" / USER / "snapshots" / "20260101T000000Z-abcd"
     d.mkdir(parents=True)
     (d / "manifest.parquet").write_bytes(b"PAR1 garbage")
-    # a crash in the middle of a blob write leaves only a temp file
-    (root / "blobs" / "ab").mkdir(parents=True)
-    (root / "blobs" / "ab" / ".tmp-x1y2").write_bytes(b"partial")
+    # a crash in the middle of a pack write leaves only a temp file
+    (root / "packs" / "ab").mkdir(parents=True)
+    (root / "packs" / "ab" / ".tmp-x1y2").write_bytes(b"partial")
     assert repo.list_snapshots(USER) == [] and repo.list_mailboxes() == []
-    assert not any(".tmp-" in k for k in repo.store.list("blobs"))
+    assert not any(".tmp-" in k for k in repo.store.list("packs")) and list(repo.iter_chunk_names()) == []
 
 
 def test_checkpoints(repo_and_tenant):
@@ -175,20 +176,15 @@ def test_corruption_and_missing_chunks_are_detected(tmp_path):
     repo = open_repository(tenant(str(tmp_path / "repo")))
     data = message(1, random.Random(3).randbytes(400_000))
     st = repo.put_content(data)
-    key = f"blobs/{st.chunks[1][:2]}/{st.chunks[1]}"
-    path = repo.store.local_path(key)
-    import zstandard
-
-    raw = zstandard.ZstdDecompressor().decompress(open(path, "rb").read())
-    with open(path, "wb") as f:  # a valid zstd frame with one flipped byte inside
-        f.write(zstandard.ZstdCompressor().compress(raw[:10] + bytes([raw[10] ^ 1]) + raw[11:]))
+    undo = corrupt_chunk(repo, st.chunks[1])  # one flipped byte inside the stored blob
     with pytest.raises(IntegrityError, match=r"item-42.*corrupt"):
         repo.read_content(st.sha256, st.chunks, st.size, item="item-42")
-    with open(path, "wb") as f:
-        f.write(b"not zstd at all")
+    undo()
+    assert repo.read_content(st.sha256, st.chunks, st.size) == data
+    corrupt_chunk(repo, st.chunks[1], garbage=True)
     with pytest.raises(IntegrityError, match="item-42"):
         repo.read_content(st.sha256, st.chunks, st.size, item="item-42")
-    os.unlink(path)
+    delete_pack_of(repo, st.chunks[1])
     with pytest.raises(IntegrityError, match="missing"):
         repo.read_content(st.sha256, st.chunks, st.size, item="item-42")
     with pytest.raises(IntegrityError):  # a manifest pointing at the wrong content
@@ -330,21 +326,17 @@ def test_check_finds_missing_and_damaged_chunks_naming_the_items(repo_and_tenant
     assert full.ok and full.chunks_read == full.chunks == res.chunks and full.bytes_read > 300_000
 
     att = repo.put_content(message(0, shared)).chunks[1]  # a chunk of the shared attachment
-    key = f"blobs/{att[:2]}/{att}"
-    good = repo.store.get_bytes(key)
-    import zstandard
-
-    raw = zstandard.ZstdDecompressor().decompress(good)
-    repo.store.put_bytes(key, zstandard.ZstdCompressor().compress(raw[:-1] + bytes([raw[-1] ^ 1])))
+    undo = corrupt_chunk(repo, att)
     assert check_repository(repo, everyone).ok  # present: the quick check cannot see inside
     bad = check_repository(repo, everyone, read_data=True)
     assert not bad.ok and bad.problem_count == 4  # item 0 of both mailboxes, in both snapshots
     assert any(att in p and "corrupt" in p for p in bad.problems)
     assert {p.split(" snapshot ")[0] for p in bad.problems} == set(users.values())
-    repo.store.delete(key)
+    undo()
+    undo = delete_chunk(repo, att)
     gone = check_repository(repo, everyone, snapshot="latest")
     assert gone.problem_count == 2 and all("missing" in p and "-0:" in p for p in gone.problems)
-    repo.store.put_bytes(key, good)
+    undo()
     assert check_repository(repo, everyone, read_data=True).ok
 
 
@@ -358,7 +350,7 @@ def test_cli_check(tmp_path):
     w.commit(delta_links={}, stats={}, skipped=[])
     r = mailpipe("check", "acme", "--read-data")
     assert r.returncode == 0 and "1 mailboxes, 1 snapshots, 1 manifest rows" in r.stderr and "no problems" in r.stderr
-    repo.store.delete(f"blobs/{st.chunks[0][:2]}/{st.chunks[0]}")
+    delete_pack_of(repo, st.chunks[0])
     r = mailpipe("check", "acme", "adele@acme.example")
     assert r.returncode == 3 and "AAMk=1" in r.stdout and "missing" in r.stdout and "1 PROBLEMS" in r.stderr
 

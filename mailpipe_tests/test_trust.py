@@ -24,6 +24,7 @@ from mailpipe.repo.check import check_repository
 from mailpipe.settings import Settings
 from mailpipe.sim import FaultConfig, LimitConfig, SimConfig, start_simulator, write_tenants_file
 from mailpipe_tests.conftest import make_tenant
+from mailpipe_tests.damage import corrupt_chunk, delete_chunk
 from mailpipe_tests.helpers import (
     TEST_SETTINGS,
     backup,
@@ -136,14 +137,10 @@ def test_a_backup_whose_base_snapshot_is_damaged_falls_back_says_so_and_commits(
 # -- 3. self-heal of missing and corrupt chunks ------------------------------------------------------------------
 def _damage(repo, user_id):
     """Delete the only chunk of one item and corrupt the chunk of another: (deleted item, corrupted item)."""
-    import zstandard
-
     rows = [r for b in repo.iter_manifest(user_id, "latest") for r in b.to_pylist() if len(r["chunks"]) == 1]
     a, b = rows[0], rows[1]
-    repo.store.delete(f"blobs/{a['chunks'][0][:2]}/{a['chunks'][0]}")
-    key = f"blobs/{b['chunks'][0][:2]}/{b['chunks'][0]}"
-    raw = zstandard.ZstdDecompressor().decompress(repo.store.get_bytes(key))
-    repo.store.put_bytes(key, zstandard.ZstdCompressor().compress(raw[:100] + bytes([raw[100] ^ 1]) + raw[101:]))
+    delete_chunk(repo, a["chunks"][0])
+    corrupt_chunk(repo, b["chunks"][0], at=100)
     return a["item_id"], b["item_id"]
 
 
@@ -246,7 +243,7 @@ def test_redirects_are_never_followed(sim_factory, hostile_factory, tmp_path, mo
     assert proxy.attacker.requests == [] and proxy.requests["value"] >= 1
     assert not any("redirected=1" in s for s in proxy.seen)  # not even a same-origin redirect is followed
     repo = open_repository(t)
-    assert repo.latest_snapshot(r.user_id) is None and list(repo.store.list("blobs")) == []
+    assert repo.latest_snapshot(r.user_id) is None and list(repo.iter_chunk_names()) == []
 
 
 def test_saved_links_are_relative_and_a_poisoned_saved_link_never_reaches_its_host(sim_factory, hostile_factory,
@@ -447,7 +444,8 @@ def test_delta_items_without_an_id_are_skipped_with_a_reason_and_read_again_next
 def test_two_cli_backups_of_one_mailbox_one_runs_the_other_says_why(tmp_path):
     from mailpipe.sim import SimProcess
 
-    with SimProcess(SimConfig(users=1, messages_per_mailbox=120, seed=8, faults=FaultConfig(latency_ms=20))) as sim:
+    # slow enough (200 items, 50 ms each, 4 at a time: ~3 s) that the second starts while the first runs
+    with SimProcess(SimConfig(users=1, messages_per_mailbox=200, seed=8, faults=FaultConfig(latency_ms=50))) as sim:
         upn = next(iter(sim.truth()["mailboxes"]))
         env = {**os.environ, "MAILPIPE_TENANTS": write_tenants_file(tmp_path / "t.yaml", "t1", sim.graph_url,
                                                                     tmp_path / "repo")}

@@ -79,7 +79,7 @@ def sweep_work_dirs(tenant_work: str, older_than: float) -> int:
     except FileNotFoundError:
         return 0
     for e in entries:
-        if not e.is_dir(follow_symlinks=False):
+        if not e.is_dir(follow_symlinks=False) or e.name.startswith("."):  # .index-cache: shared, kept
             continue
         newest = e.stat(follow_symlinks=False).st_mtime
         for dirpath, _, files in os.walk(e.path):
@@ -301,6 +301,9 @@ class MailboxBackup:
             user_id, older_than=max(3600.0, 2 * self.s.lease_seconds)))
         if cleaned:
             log.info("%s: removed %d leftovers of an interrupted backup", self.upn, cleaned)
+        # after the lease is ours: the index and the prune plans as they are now (a prune's second pass
+        # waits for every backup whose lease is older than its plan: docs/FORMAT.md, "Prune")
+        await self._io(self.repo.refresh_for_backup)
         state = BackupState(os.path.join(self.work, "state.sqlite"))
         try:
             await self._backup(mb, state)
@@ -401,6 +404,13 @@ class MailboxBackup:
             lambda: self.repo.iter_checkpoint_rows(user_id, tmp_dir=self.work), state.load_checkpoint)
         if n_ckpt:
             log.info("%s: resuming: %d items stored by an interrupted backup", self.upn, n_ckpt)
+        # known content (checkpoints, salvage) stands for an item only if every chunk of it is stored in a
+        # pack no prune plans to delete (docs/FORMAT.md, "Prune"): otherwise the item is downloaded again
+        stored = self.repo.chunk_is_reusable
+        unusable = state.drop_checkpoint_rows_where(lambda chunks: not all(stored(h) for h in chunks))
+        if unusable:
+            log.info("%s: %d items of an interrupted backup are downloaded again (their chunks are no longer "
+                     "stored, or a prune is about to remove them)", self.upn, unusable)
 
         folders = {f.id: f for f in (await mb.list_folders())}
         live = set(folders)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -234,8 +234,12 @@ class BackupState:
 
     def drop_checkpoint_rows_using(self, damaged: set[str]) -> int:
         """Checkpoint rows whose content uses a damaged chunk cannot stand for their item."""
+        return self.drop_checkpoint_rows_where(lambda chunks: bool(damaged.intersection(chunks)))
+
+    def drop_checkpoint_rows_where(self, unusable: Callable[[list[str]], bool]) -> int:
+        """Drop the checkpoint rows whose chunk list ``unusable`` rejects; how many."""
         bad = [item_id for item_id, chunks in self.db.execute("SELECT item_id, chunks FROM ckpt")
-               if damaged.intersection(json.loads(chunks))]
+               if unusable(json.loads(chunks))]
         self.db.executemany("DELETE FROM ckpt WHERE item_id=?", [(i,) for i in bad])
         return len(bad)
 

@@ -13,7 +13,7 @@ _EXPORTS = {
     "IntegrityError": "repository", "Repository": "repository", "RepositoryError": "repository",
     "SnapshotInfo": "repository", "SnapshotWriter": "repository", "StoredContent": "repository",
     "mailbox_dir": "repository", "open_repository": "repository",
-    "KeyNotFound": "store", "LocalStore": "store", "ObjectStore": "store", "S3Store": "store", "StoreError": "store",
+    "KeyNotFound": "store", "LocalStore": "store", "ObjectLocked": "store", "ObjectStore": "store", "S3Store": "store", "StoreError": "store",
 }
 __all__ = sorted(_EXPORTS)
 

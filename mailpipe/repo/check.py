@@ -13,13 +13,21 @@ snapshot and the check goes on. Every missing or corrupt chunk is marked in the 
 (``damaged/<h>``): the next backup of each mailbox using it downloads those items again, if they still
 exist, and rewrites the chunk (self-heal; docs/ENGINE.md). Checkpoints of unfinished backups are not
 checked: nothing restores from them.
+
+``snapshot`` may name one snapshot per mailbox (the Dagster asset checks the snapshot each backup just
+committed), and every problem is also filed under its mailbox (:attr:`CheckResult.by_mailbox`), so a caller
+can report per mailbox. ``sample=(k, n)`` checks only the chunks in slice ``k`` of ``n`` (:func:`chunk_slice`:
+the chunk ids' leading 64 bits cut into ``n`` equal ranges), so ``n`` runs with ``k = 0 … n-1`` read every
+chunk exactly once: with ``read_data``, a daily run with ``k = day number mod 30`` reads the whole
+repository every 30 days at 1/30 of the cost a day (:func:`day_slice`). Manifests are still read whole.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any
 
 from mailpipe.repo.repository import _SNAP_ID, IntegrityError, Repository, RepositoryError
@@ -27,7 +35,34 @@ from mailpipe.repo.schema import FOLDERS, MANIFEST
 from mailpipe.repo.store import StoreError
 
 MAX_PROBLEMS = 1000  # listed in the result; counting goes on
+MAX_MAILBOX_PROBLEMS = 100  # listed per mailbox (CheckResult.by_mailbox); counting goes on
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def chunk_slice(h: str, n: int) -> int:
+    """The slice (0 … n-1) chunk id ``h`` falls in: its leading 64 bits cut into ``n`` equal ranges. Chunk
+    ids are SHA-256 names, so each slice holds ~1/n of the chunks, and every chunk is in exactly one."""
+    return (int(h[:16], 16) * n) >> 64
+
+
+def day_slice(day: date, n: int) -> int:
+    """The slice a rotating sample reads on ``day``: its day number (days since 1970-01-01) mod ``n``."""
+    return (day - date(1970, 1, 1)).days % n
+
+
+@dataclass
+class MailboxCheck:
+    """What the check found for one mailbox (its problems are also in :attr:`CheckResult.problems`)."""
+
+    upn: str
+    snapshots: int = 0
+    items: int = 0
+    problem_count: int = 0
+    problems: list[str] = field(default_factory=list)  # the first MAX_MAILBOX_PROBLEMS
+
+    @property
+    def ok(self) -> bool:
+        return self.problem_count == 0
 
 
 @dataclass
@@ -35,7 +70,7 @@ class CheckResult:
     mailboxes: int = 0
     snapshots: int = 0
     items: int = 0               # manifest rows checked, over all snapshots
-    chunks: int = 0              # distinct chunks referenced
+    chunks: int = 0              # distinct chunks referenced (with a sample: those in the slice)
     chunks_read: int = 0         # with read_data
     bytes_read: int = 0          # decompressed, with read_data
     problem_count: int = 0
@@ -43,15 +78,23 @@ class CheckResult:
     damaged_chunks: set[str] = field(default_factory=set)  # missing or corrupt, marked for repair
     affected: dict[str, int] = field(default_factory=dict)  # upn → items (latest snapshot) using damaged chunks
     mark_error: str | None = None  # why the damaged chunks could not be marked for repair
+    sample: tuple[int, int] | None = None  # (k, n): only the chunks in slice k of n were checked
+    snapshots_gone: int = 0      # forgotten (deleted by maintenance) while being checked: not counted as damage
+    by_mailbox: dict[str, MailboxCheck] = field(default_factory=dict)  # upn → its figures and problems
 
     @property
     def ok(self) -> bool:
         return self.problem_count == 0
 
-    def problem(self, text: str) -> None:
+    def problem(self, text: str, upn: str | None = None) -> None:
         self.problem_count += 1
         if len(self.problems) < MAX_PROBLEMS:
             self.problems.append(text)
+        if upn is not None:
+            mb = self.by_mailbox.setdefault(upn, MailboxCheck(upn))
+            mb.problem_count += 1
+            if len(mb.problems) < MAX_MAILBOX_PROBLEMS:
+                mb.problems.append(text)
 
     def advice(self) -> str | None:
         """What happens next, when chunks are damaged (printed by the CLI)."""
@@ -68,38 +111,54 @@ class CheckResult:
                 "their mailbox cannot be repaired; older snapshots that use those chunks stay damaged.")
 
 
-def check_repository(repo: Repository, mailboxes: Iterable[tuple[str, str]], *, snapshot: str = "all",
-                     read_data: bool = False, progress: Callable[[str], None] | None = None,
-                     mark_damaged: bool = True) -> CheckResult:
-    """Check ``mailboxes`` ((user id, upn) pairs); ``snapshot``: ``all``, ``latest`` or one snapshot id.
-    ``progress(upn)`` is called after each mailbox. Missing or corrupt chunks are marked for repair
-    unless ``mark_damaged`` is False."""
-    res = CheckResult()
+def check_repository(repo: Repository, mailboxes: Iterable[tuple[str, str]], *,
+                     snapshot: str | Mapping[str, str] = "all", read_data: bool = False,
+                     progress: Callable[[str], None] | None = None, mark_damaged: bool = True,
+                     sample: tuple[int, int] | None = None) -> CheckResult:
+    """Check ``mailboxes`` ((user id, upn) pairs); ``snapshot``: ``all``, ``latest``, one snapshot id, or a
+    mapping user id → snapshot id (one snapshot of each mailbox). ``sample=(k, n)``: only the chunks in
+    slice ``k`` of ``n`` (:func:`chunk_slice`) are checked (and, with ``read_data``, read); manifests and
+    folder tables are checked whole. ``progress(upn)`` is called after each mailbox. Missing or corrupt
+    chunks are marked for repair unless ``mark_damaged`` is False."""
+    if sample is not None:
+        k, n = sample
+        if not (isinstance(n, int) and isinstance(k, int) and n >= 1 and 0 <= k < n):
+            raise ValueError(f"sample must be (k, n) with 0 <= k < n, got {sample!r}")
+    res = CheckResult(sample=sample)
     present: set[str] | None = None if read_data else set(repo.iter_chunk_names())
+    repo.ensure_index()
+    for p in repo.index_problems:  # an index file that cannot be read: chunks it lists look missing
+        res.problem(p)
     chunks: dict[str, int | None] = {}  # referenced chunk -> decompressed length (None: damaged/missing)
     for uid, upn in mailboxes:
         res.mailboxes += 1
+        mb = res.by_mailbox.setdefault(upn, MailboxCheck(upn))
+        want = snapshot[uid] if isinstance(snapshot, Mapping) else snapshot
         try:
             scanned = repo.scan_snapshots(uid)
         except (RepositoryError, StoreError) as e:
-            res.problem(f"{upn}: cannot list snapshots: {e}")
+            res.problem(f"{upn}: cannot list snapshots: {e}", upn)
             continue
-        if snapshot == "latest":
+        if want == "latest":
             scanned = scanned[-1:]
-        elif snapshot != "all":
-            scanned = [s for s in scanned if s[0] == snapshot]
+        elif want != "all":
+            scanned = [s for s in scanned if s[0] == want]
             if not scanned:
-                res.problem(f"{upn}: no committed snapshot {snapshot!r}")
+                res.problem(f"{upn}: no committed snapshot {want!r}", upn)
         for i, (sid, info, error) in enumerate(scanned):
             res.snapshots += 1
+            mb.snapshots += 1
             if info is None:
-                res.problem(f"{upn} snapshot {sid}: unreadable: {error}")
+                res.problem(f"{upn} snapshot {sid}: unreadable: {error}", upn)
                 continue
             latest = i == len(scanned) - 1
             try:
                 _check_snapshot(repo, uid, upn, info, res, present, chunks, latest)
             except (IntegrityError, RepositoryError, StoreError, OSError, ValueError) as e:
-                res.problem(f"{upn} snapshot {sid}: unreadable: {e}")
+                if not _still_committed(repo, uid, sid):  # forgotten while it was being read: not damage
+                    res.snapshots_gone += 1
+                    continue
+                res.problem(f"{upn} snapshot {sid}: unreadable: {e}", upn)
         if progress:
             progress(upn)
     res.chunks = len(chunks)
@@ -114,6 +173,14 @@ def check_repository(repo: Repository, mailboxes: Iterable[tuple[str, str]], *, 
         except StoreError as e:  # read-only credentials, say: the report stands, the marks are missing
             res.mark_error = str(e)
     return res
+
+
+def _still_committed(repo: Repository, uid: str, sid: str) -> bool:
+    """Whether snapshot ``sid`` still exists (``forget`` may delete it while a check reads it)."""
+    try:
+        return any(s == sid for s, _, _ in repo.scan_snapshots(uid))
+    except (RepositoryError, StoreError):
+        return True
 
 
 def _same_type(a: Any, b: Any) -> bool:
@@ -139,19 +206,19 @@ def _check_folders(repo: Repository, uid: str, upn: str, sid: str, res: CheckRes
     table = repo.read_folders(uid, sid)
     where = f"{upn} snapshot {sid} folders.parquet"
     if (p := _schema_problem(table.schema, FOLDERS)):
-        res.problem(f"{where}: {p}")
+        res.problem(f"{where}: {p}", upn)
     ids: set[str] = set()
     for row in table.to_pylist():
         fid = row.get("folder_id")
         if not isinstance(fid, str) or not fid:
-            res.problem(f"{where}: a folder without an id")
+            res.problem(f"{where}: a folder without an id", upn)
             continue
         if fid in ids:
-            res.problem(f"{where}: folder {fid} is listed twice")
+            res.problem(f"{where}: folder {fid} is listed twice", upn)
         ids.add(fid)
         path = row.get("path")
         if not isinstance(path, list) or not all(isinstance(x, str) for x in path):
-            res.problem(f"{where}: folder {fid} has no valid path")
+            res.problem(f"{where}: folder {fid} has no valid path", upn)
     return ids
 
 
@@ -167,47 +234,53 @@ def _check_snapshot(repo: Repository, uid: str, upn: str, info: Any, res: CheckR
         if not schema_checked:
             schema_checked = True
             if (p := _schema_problem(batch.schema, MANIFEST)):
-                res.problem(f"{upn} snapshot {sid} manifest.parquet: {p}")
+                res.problem(f"{upn} snapshot {sid} manifest.parquet: {p}", upn)
                 return
         for row in batch.to_pylist():
             rows += 1
             item = f"{upn} snapshot {sid} item {row['item_id']}"
-            bad = _row_problem(row, folders)
+            bad = _row_problem(row, folders, keyed=repo.cipher is not None)
             if bad:
-                res.problem(f"{item}: {bad}")
+                res.problem(f"{item}: {bad}", upn)
                 continue
             key = hash(row["item_id"])
             if key in seen:
-                res.problem(f"{item}: listed twice in the manifest")
+                res.problem(f"{item}: listed twice in the manifest", upn)
             seen.add(key)
             names = row["chunks"]
             total: int | None = 0
             damaged = False
             for h in names:
+                if res.sample is not None and chunk_slice(h, res.sample[1]) != res.sample[0]:
+                    total = None  # not in today's slice: not read, so the item's size cannot be summed
+                    continue
                 fresh = h not in chunks
                 if fresh:
                     # (a chunk written after the listing, by a backup running now, is looked up again)
-                    chunks[h] = _read(repo, h, item, res) if present is None else \
+                    chunks[h] = _read(repo, h, item, res, upn) if present is None else \
                         (0 if h in present or repo.has_chunk(h) else None)
                 n = chunks[h]
                 if n is None:
                     damaged = True
                     if present is not None:
-                        res.problem(f"{item}: chunk {h} is missing from the repository")
+                        res.problem(f"{item}: chunk {h} is missing from the repository", upn)
                     elif not fresh:  # (when fresh, _read reported it)
-                        res.problem(f"{item}: chunk {h} is damaged or missing")
+                        res.problem(f"{item}: chunk {h} is damaged or missing", upn)
                 total = None if n is None or total is None else total + n
             affected += damaged
             if present is None and total is not None and total != row["size"]:
-                res.problem(f"{item}: its chunks hold {total} bytes, the manifest says {row['size']}")
+                res.problem(f"{item}: its chunks hold {total} bytes, the manifest says {row['size']}", upn)
     res.items += rows
+    res.by_mailbox[upn].items += rows
     if latest and affected:
         res.affected[upn] = affected
     if rows != info.items:
-        res.problem(f"{upn} snapshot {sid}: manifest has {rows} items, snapshot.json says {info.items}")
+        res.problem(f"{upn} snapshot {sid}: manifest has {rows} items, snapshot.json says {info.items}", upn)
 
 
-def _row_problem(row: dict[str, Any], folders: set[str]) -> str | None:
+def _row_problem(row: dict[str, Any], folders: set[str], *, keyed: bool = False) -> str | None:
+    """What is wrong with one manifest row (None: nothing). ``keyed``: chunk names are keyed HMACs (an
+    encrypted repository), so a one-chunk item's name is not its sha256."""
     """What is wrong with one manifest row, or None (every column is looked at)."""
     if not isinstance(row.get("item_id"), str) or not row["item_id"]:
         return "no item id"
@@ -226,7 +299,7 @@ def _row_problem(row: dict[str, Any], folders: set[str]) -> str | None:
         return f"size {size!r} is not a byte count"
     if not names and size:
         return f"{size} bytes but no chunks"
-    if len(names) == 1 and names[0] != row["sha256"]:
+    if len(names) == 1 and not keyed and names[0] != row["sha256"]:
         return f"its only chunk {names[0]} is not its sha256 {row['sha256']}"
     first = row.get("first_snapshot_id")
     if first is not None and not _SNAP_ID.match(str(first)):
@@ -238,12 +311,12 @@ def _row_problem(row: dict[str, Any], folders: set[str]) -> str | None:
     return None
 
 
-def _read(repo: Repository, h: str, item: str, res: CheckResult) -> int | None:
+def _read(repo: Repository, h: str, item: str, res: CheckResult, upn: str) -> int | None:
     """Download, decompress and hash chunk ``h`` once; its length, or None (reported) when damaged."""
     try:
         n = repo.verify_chunk(h, item=item)
     except IntegrityError as e:
-        res.problem(f"{e}")
+        res.problem(f"{e}", upn)
         return None
     res.chunks_read += 1
     res.bytes_read += n

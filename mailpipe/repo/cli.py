@@ -1,4 +1,4 @@
-"""``mailpipe snapshots``, ``mailpipe export`` and ``mailpipe check``."""
+"""``mailpipe snapshots``, ``mailpipe export``, ``mailpipe check`` and ``mailpipe forget``."""
 
 from __future__ import annotations
 
@@ -39,6 +39,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--snapshot", default="all", help="all (default), latest, or one snapshot id")
     c.add_argument("--read-data", action="store_true", help="read and verify every chunk's content")
     c.set_defaults(func=_check)
+
+    f = sub.add_parser("forget", help="delete the snapshots the retention policy no longer keeps",
+                       description="Apply TENANT's retention policy (retention: in the tenants file, docs/CONFIG.md) "
+                       "to every mailbox in its repository, or to one: list each snapshot with the rules that keep "
+                       "it (e.g. 'daily 2026-11-24', 'last 3') or 'forget', and delete the forgotten ones. Without "
+                       "a policy nothing is deleted. A mailbox whose lease is held (a backup is running) is skipped "
+                       "and reported. Snapshots an unfinished restore reads are kept, and so (except with --all) are "
+                       "snapshots whose commit record is unreadable. Only a snapshot's own files are deleted (commit "
+                       "record, manifest, folder table): content no snapshot references any more stays in the "
+                       "repository until prune removes it. Exit status 0: done (a mailbox whose lease is held, and "
+                       "snapshots S3 Object Lock still retains, are left for a later run); 2: bad input; 3: some "
+                       "snapshots could not be deleted, or --all could not erase everything.")
+    f.add_argument("tenant")
+    f.add_argument("upn", nargs="?", help="a mailbox (UPN or Entra object id); default: every mailbox")
+    f.add_argument("--dry-run", action="store_true",
+                   help="show what would be forgotten and why; delete nothing (takes no lease, writes nothing)")
+    f.add_argument("--all", action="store_true",
+                   help="erase EVERY snapshot and the backup checkpoints of mailbox UPN (required), whatever the "
+                   "policy, unreadable ones included: the legal erasure of a departed user. Snapshots an unfinished "
+                   "restore reads, or S3 Object Lock still retains, are kept "
+                   "(exit status 3). Exclude the mailbox from the tenant's mailboxes: too, or its next backup "
+                   "starts a new history")
+    f.set_defaults(func=_forget)
 
 
 def _repo(args: argparse.Namespace):
@@ -119,3 +142,49 @@ def _export(args: argparse.Namespace) -> int:
     print(f"exported {res.items} items ({res.bytes:,} bytes) of snapshot {snap.snapshot_id} to {res.out}",
           file=sys.stderr)
     return 0
+
+
+def _forget(args: argparse.Namespace) -> int:
+    from zoneinfo import ZoneInfo
+
+    from mailpipe.config import find_tenant
+    from mailpipe.repo import open_repository
+    from mailpipe.repo.forget import forget
+
+    if args.all and not args.upn:
+        raise UserError("--all erases every snapshot of one mailbox: name it (mailpipe forget TENANT UPN --all)")
+    tenant = find_tenant(args.tenant)
+    repo = open_repository(tenant, create=False, tmp_dir=args.settings.tenant_work_dir(args.tenant))
+    res = forget(repo, tenant, args.upn, dry_run=args.dry_run, erase=args.all,
+                 lease_seconds=args.settings.lease_seconds)
+    tz = ZoneInfo(res.timezone)
+    gone = "would forget" if args.dry_run else "forget"
+    for m in res.mailboxes:
+        if m.status == "no policy":
+            print(f"{m.upn}: no retention policy: {len(m.snapshots)} snapshots kept")
+            continue
+        print(f"{m.upn}: {m.policy}" + (f" ({res.timezone})" if not args.all else ""))
+        if m.status in ("busy", "error"):
+            print(f"  {'skipped' if m.status == 'busy' else 'FAILED'}: {m.note}")
+        for s in m.snapshots:
+            when = s.committed_at.astimezone(tz).strftime("%Y-%m-%d %H:%M %Z") if s.committed_at else "?"
+            if s.action == "unreadable":
+                line = f"  {'keep':12} {s.snapshot_id:30}  {when:21} unreadable, never forgotten: {'; '.join(s.reasons)}"
+            elif s.action == "keep":
+                line = f"  {'keep':12} {s.snapshot_id:30}  {when:21} {', '.join(s.reasons)}"
+            else:
+                line = f"  {gone:12} {s.snapshot_id:30}  {when:21}".rstrip()
+                if s.error:
+                    line += f" FAILED: {s.error}"
+                elif s.retained:
+                    line += f" retained by S3 Object Lock ({s.retained}): a later forget deletes it"
+                elif s.note:
+                    line += f" ({s.note})"
+            print(line)
+        if m.checkpoints_removed:
+            print(f"  removed {m.checkpoints_removed} checkpoint parts")
+    print(res.summary(), file=sys.stderr)
+    if args.all and not args.dry_run and res.deleted:
+        print("the content only this mailbox used leaves the storage at the next prune; exclude the mailbox from "
+              "the tenant's mailboxes: in the tenants file, or its next backup starts a new history", file=sys.stderr)
+    return 0 if res.ok else 3

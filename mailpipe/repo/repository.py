@@ -2,8 +2,11 @@
 
 Layout and guarantees are documented in docs/FORMAT.md. In short:
 
-- ``blobs/<h[:2]>/<h>``: a chunk named by the sha256 of its raw bytes, stored as a zstd frame. Written
-  once, never rewritten; an existing chunk is not uploaded again; racing writers write identical bytes.
+- ``packs/<p[:2]>/<p>`` and ``index/<i[:2]>/<i>``: chunks (named by the SHA-256 of their raw bytes, or by
+  a keyed HMAC in an encrypted repository), zstd-compressed, many per pack; the index says where each is
+  (:mod:`mailpipe.repo.packs`). A stored chunk is not uploaded again.
+- ``keys/<id>``: in an encrypted repository, the master key wrapped by each passphrase
+  (:mod:`mailpipe.repo.crypto`); every other object is sealed with AES-256-GCM.
 - ``mailboxes/<user>/snapshots/<id>/{manifest,folders}.parquet`` then ``snapshot.json``, last: the
   commit. A snapshot without ``snapshot.json`` does not exist for readers; a committed one never changes.
 - ``mailboxes/<user>/checkpoints/<part>.parquet``: items an unfinished backup already stored.
@@ -36,11 +39,23 @@ import zstandard
 
 from mailpipe.config import TenantConfig
 from mailpipe.errors import UserError
-from mailpipe.repo import chunking
+from mailpipe.repo import chunking, crypto
+from mailpipe.repo.packs import (
+    PACK_TARGET,
+    ChunkIndex,
+    OpenPack,
+    PackFormatError,
+    decode_index,
+    encode_index,
+    index_cache_path,
+    index_key,
+    pack_key,
+)
 from mailpipe.repo.schema import CHECKPOINT, FOLDERS, MANIFEST, to_batch
 from mailpipe.repo.store import (
     KeyNotFound,
     LocalStore,
+    ObjectLocked,
     ObjectStore,
     PreconditionFailed,
     S3Store,
@@ -49,7 +64,7 @@ from mailpipe.repo.store import (
 )
 
 FORMAT = "mailpipe-repository"
-VERSION = 1
+VERSION = 2
 ZSTD_LEVEL = 3
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SNAP_ID = re.compile(r"^\d{8}T\d{6}(\.\d{6})?Z-[0-9a-f]{4,8}$")
@@ -153,37 +168,44 @@ def new_snapshot_id(now: datetime | None = None, after: str | None = None) -> st
     return sid
 
 
-def _blob_key(h: str) -> str:
-    return f"blobs/{h[:2]}/{h}"
-
-
 class Repository:
-    def __init__(self, store: ObjectStore, tenant: str, info: dict[str, Any], *, tmp_dir: str | None = None) -> None:
+    def __init__(self, store: ObjectStore, tenant: str, info: dict[str, Any], *, tmp_dir: str | None = None,
+                 cipher: crypto.Cipher | None = None) -> None:
         self.store = store
         self.tenant = tenant
         self.info = info
-        self.tmp_dir = tmp_dir  # local temporary files (Parquet in transit); None: the system's
+        self.repo_id = str(info["id"])
+        self.cipher = cipher  # None: a repository without encryption
+        self.tmp_dir = tmp_dir  # local temporary files (Parquet in transit, the index cache); None: the system's
         self._known: OrderedDict[str, None] = OrderedDict()  # chunks known to exist (bounded LRU)
         self._known_max = 200_000  # ~40 MB: the hot set of shared attachments, not every chunk ever seen
         self._lock = threading.Lock()
         self._tls = threading.local()
         self.damaged: set[str] = set()  # chunks to rewrite when their bytes come by (see load_damaged)
+        self.index = ChunkIndex(index_cache_path(tmp_dir, self.repo_id))
+        self._index_synced = False
+        self.excluded: frozenset[str] = frozenset()  # packs a prune plans to delete: never reused (docs/FORMAT.md)
+        self.index_problems: list[str] = []  # index files that could not be read (check reports them)
+        self._pack = OpenPack()
+        self._pack_repairs: set[str] = set()
+        self._pack_cv = threading.Condition()  # guards _pack, _pack_repairs, _uploading
+        self._uploading = 0
+        self._requeued = False  # an upload failed and its blobs went back into the open pack
+        self.packs_written = 0
+        self.pack_bytes_written = 0
 
     # -- opening -----------------------------------------------------------------------------------
     @classmethod
-    def open(cls, store: ObjectStore, tenant: str, *, create: bool = True, tmp_dir: str | None = None) -> Repository:
+    def open(cls, store: ObjectStore, tenant: str, *, create: bool = True, tmp_dir: str | None = None,
+             passphrase: str | None = None, encrypt_new: bool = False) -> Repository:
+        """Open (or create, with ``create``) the repository. ``passphrase``: the tenant's, when its
+        configuration has one; a new repository is encrypted when ``encrypt_new`` (then it must be given)."""
         try:
             raw = store.get_bytes("mailpipe.json")
         except KeyNotFound:
             if not create:
                 raise RepositoryError(f"no mailpipe repository at {store.describe()}") from None
-            info = {"format": FORMAT, "version": VERSION, "tenant": tenant,
-                    "created_at": datetime.now(timezone.utc).isoformat(), "hash": "sha256",
-                    "compression": {"algorithm": "zstd", "level": ZSTD_LEVEL}, "chunking": chunking.PARAMS}
-            try:
-                store.put_if_absent("mailpipe.json", json.dumps(info, indent=2).encode())
-            except PreconditionFailed:  # another process created it first: use theirs
-                pass
+            cls._create(store, tenant, passphrase if encrypt_new else None)
             raw = store.get_bytes("mailpipe.json")
         try:
             info = json.loads(raw)
@@ -191,13 +213,126 @@ class Repository:
             raise RepositoryError(f"{store.describe()}: mailpipe.json is damaged (not JSON)") from None
         if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise RepositoryError(f"{store.describe()} is not a mailpipe repository")
+        if info.get("version") == 1:
+            raise RepositoryError(
+                f"{store.describe()}: repository format version 1 (one object per chunk); this mailpipe reads and "
+                f"writes version {VERSION} (packs, encryption). Convert it once with `mailpipe migrate "
+                f"{tenant}` (docs/FORMAT.md, \"Migrating from version 1\"), with no backup running.")
         if info.get("version") != VERSION:
             raise RepositoryError(f"{store.describe()}: repository format version {info.get('version')} is not "
                                   f"supported by this mailpipe (it reads version {VERSION})")
         if info.get("tenant") != tenant:
             raise RepositoryError(f"{store.describe()} belongs to tenant {info.get('tenant')!r}, not {tenant!r}: "
                                   "one repository per tenant")
-        return cls(store, tenant, info, tmp_dir=tmp_dir)
+        cipher = None
+        if info.get("encryption"):
+            if not passphrase:
+                raise RepositoryError(f"{store.describe()} is encrypted: configure the tenant's "
+                                      "encryption.passphrase_env (docs/CONFIG.md)")
+            cipher = crypto.Cipher.from_master(cls._unlock(store, passphrase), str(info["id"]))
+        elif encrypt_new:
+            raise RepositoryError(f"{store.describe()} was created without encryption, and encryption is chosen "
+                                  "when a repository is created: back up into a new repository to encrypt")
+        return cls(store, tenant, info, tmp_dir=tmp_dir, cipher=cipher)
+
+    @staticmethod
+    def _create(store: ObjectStore, tenant: str, passphrase: str | None) -> None:
+        info: dict[str, Any] = {
+            "format": FORMAT, "version": VERSION, "tenant": tenant, "id": secrets.token_hex(16),
+            "created_at": datetime.now(timezone.utc).isoformat(), "hash": "sha256",
+            "compression": {"algorithm": "zstd", "level": ZSTD_LEVEL}, "chunking": chunking.PARAMS,
+            "packs": {"target_bytes": PACK_TARGET}, "encryption": None}
+        if passphrase:
+            info["encryption"] = {"algorithm": crypto.ALGORITHM, "kdf": "scrypt", "chunk_id": "HMAC-SHA256",
+                                  "key_derivation": "HKDF-SHA256"}
+            key_id, key_file = crypto.make_key_file(crypto.new_master_key(), passphrase, note="created with the repository")
+            store.put_bytes(f"keys/{key_id}", key_file)  # before mailpipe.json: a repository never lacks its key
+        try:
+            store.put_if_absent("mailpipe.json", json.dumps(info, indent=2).encode())
+        except PreconditionFailed:  # another process created it first: use theirs
+            pass
+
+    @staticmethod
+    def _unlock(store: ObjectStore, passphrase: str) -> bytes:
+        names = list(crypto.iter_key_ids(store.list("keys")))
+        for key_id in names:
+            try:
+                master = crypto.open_key_file(store.get_bytes(f"keys/{key_id}"), passphrase)
+            except KeyNotFound:
+                continue
+            if master is not None:
+                return master
+        if not names:
+            raise RepositoryError(f"{store.describe()} is encrypted but has no key file (keys/ is empty): "
+                                  "its data cannot be read")
+        raise RepositoryError(f"{store.describe()}: wrong passphrase (no key file of the repository opens with it)")
+
+    # -- keys (mailpipe key add|passwd|list|remove) ------------------------------------------------------------
+    def list_keys(self) -> list[dict[str, Any]]:
+        return [{**crypto.key_file_info(self.store.get_bytes(f"keys/{k}")), "id": k}
+                for k in crypto.iter_key_ids(self.store.list("keys"))]
+
+    def add_key(self, master_passphrase: str, new_passphrase: str, note: str = "") -> str:
+        """Wrap the master key under one more passphrase (no data is re-encrypted); its key id."""
+        if self.cipher is None:
+            raise RepositoryError(f"{self.store.describe()} is not encrypted: it has no keys")
+        master = self._unlock(self.store, master_passphrase)
+        key_id, key_file = crypto.make_key_file(master, new_passphrase, note=note)
+        self.store.put_bytes(f"keys/{key_id}", key_file)
+        return key_id
+
+    def remove_key(self, key_id: str, passphrase: str) -> None:
+        """Remove a key file; never the last one, and never the one ``passphrase`` opens only if it is the last."""
+        keys = [k["id"] for k in self.list_keys()]
+        if key_id not in keys:
+            raise RepositoryError(f"no key {key_id!r} in {self.store.describe()} (keys: {', '.join(keys) or 'none'})")
+        others = [k for k in keys if k != key_id]
+        if not any(crypto.open_key_file(self.store.get_bytes(f"keys/{k}"), passphrase) for k in others):
+            raise RepositoryError(f"removing key {key_id} would leave no key that the current passphrase opens; "
+                                  "add another key first (mailpipe key add)")
+        self.store.delete(f"keys/{key_id}")
+
+    # -- objects: sealed with the object's key as associated data in an encrypted repository ------------------
+    def _seal(self, data: bytes, aad: str) -> bytes:
+        return self.cipher.seal(data, aad) if self.cipher else data
+
+    def _unseal(self, blob: bytes, aad: str) -> bytes:
+        if self.cipher is None:
+            return blob
+        try:
+            return self.cipher.open(blob, aad)
+        except crypto.DecryptError as e:
+            raise IntegrityError(str(e)) from None
+
+    def put_object(self, key: str, data: bytes) -> None:
+        self.store.put_bytes(key, self._seal(data, key))
+
+    def get_object(self, key: str) -> bytes:
+        """An object's bytes, opened and authenticated; damage → :class:`IntegrityError`."""
+        return self._unseal(self.store.get_bytes(key), key)
+
+    def write_json(self, key: str, doc: Any, *, indent: int | None = 1) -> None:
+        self.put_object(key, json.dumps(doc, indent=indent, default=str,
+                                        separators=None if indent else (",", ":")).encode())
+
+    def read_json(self, key: str) -> Any:
+        raw = self.get_object(key)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            raise IntegrityError(f"{key}: not JSON") from None
+
+    def _put_local_file(self, key: str, path: str) -> None:
+        if self.cipher is None:
+            self.store.put_file(key, path)
+            return
+        sealed = path + ".sealed"
+        try:
+            self.cipher.seal_file(path, sealed, key)
+            self.store.put_file(key, sealed)
+        finally:
+            if os.path.exists(sealed):
+                os.unlink(sealed)
 
     # -- content -----------------------------------------------------------------------------------
     def _zc(self) -> zstandard.ZstdCompressor:
@@ -225,42 +360,212 @@ class Repository:
             if len(self._known) > self._known_max:
                 self._known.popitem(last=False)
 
+    def chunk_id(self, piece: bytes) -> str:
+        """A chunk's name: SHA-256 of its raw bytes, or HMAC-SHA256 with the repository's id key."""
+        return self.cipher.chunk_id(piece) if self.cipher else hashlib.sha256(piece).hexdigest()
+
     def put_content(self, data: bytes) -> StoredContent:
-        """Store one item's MIME (thread-safe). Chunks that exist are not uploaded again — unless they are
-        known to be damaged (:attr:`damaged`): then these bytes, whose hash is the chunk's name, replace
-        the damaged copy and the damage marker is removed (self-heal)."""
+        """Store one item's MIME (thread-safe). Chunks that are stored are not uploaded again — unless they
+        are known to be damaged (:attr:`damaged`): then these bytes, whose id is the chunk's name, are
+        stored again and the damage marker is removed once they are in the repository (self-heal). New
+        chunks go into the open pack; they are durable after :meth:`flush` (or when the pack fills)."""
+        self.ensure_index()
         hashes: list[str] = []
         new_chunks = new_bytes = 0
         for piece in chunking.split(data):
-            h = hashlib.sha256(piece).hexdigest()
+            h = self.chunk_id(piece)
             hashes.append(h)
             if self._is_known(h):
                 continue
-            key = _blob_key(h)
             repair = h in self.damaged
-            if repair or not self.store.exists(key):
-                blob = self._zc().compress(piece)
-                self.store.put_bytes(key, blob)
-                new_chunks += 1
-                new_bytes += len(blob)
-                if repair:
-                    self.repaired(h)
+            if repair or not self.index.has(h, self.excluded):
+                blob = self._seal(self._zc().compress(piece), h)
+                if self._add_blob(h, blob, repair):
+                    new_chunks += 1
+                    new_bytes += len(blob)
             self._remember(h)
-        whole = hashes[0] if len(hashes) == 1 else hashlib.sha256(data).hexdigest()  # one chunk: same hash
+        whole = hashes[0] if len(hashes) == 1 and self.cipher is None else hashlib.sha256(data).hexdigest()
         return StoredContent(whole, len(data), hashes, new_chunks, new_bytes)
+
+    # -- packs ----------------------------------------------------------------------------------------------
+    def _add_blob(self, h: str, blob: bytes, repair: bool) -> bool:
+        with self._pack_cv:
+            if h in self._pack.ids:
+                return False
+            self._pack.add(h, blob)
+            if repair:
+                self._pack_repairs.add(h)
+            if len(self._pack.buf) < PACK_TARGET:
+                return True
+            full, repairs = self._take_pack()
+        self._upload(full, repairs)
+        return True
+
+    def _take_pack(self) -> tuple[OpenPack, set[str]]:
+        """(under ``_pack_cv``) the open pack, replaced by an empty one; counted as uploading."""
+        full, repairs = self._pack, self._pack_repairs
+        self._pack, self._pack_repairs = OpenPack(), set()
+        self._uploading += 1
+        return full, repairs
+
+    def _upload(self, pack: OpenPack, repairs: set[str]) -> None:
+        """Upload a pack, then its index file (the chunks exist for readers from then on). On failure the
+        blobs go back into the open pack, so that a later flush stores them: no chunk is ever lost between a
+        pack and its index."""
+        try:
+            data = pack.finish(self._seal)
+            pid = secrets.token_hex(32)  # random: a pack written again with the same chunks gets a new name
+            self.store.put_bytes(pack_key(pid), data)
+            doc = [{"id": pid, "size": len(data), "blobs": pack.entries,
+                    "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}]
+            raw = encode_index(doc, self._seal)
+            iid = hashlib.sha256(raw).hexdigest()
+            self.store.put_bytes(index_key(iid), raw)
+            self.index.add_file(iid, decode_index(raw, self._unseal))
+        except BaseException:
+            with self._pack_cv:
+                for (h, off, n) in pack.entries:
+                    if h not in self._pack.ids:
+                        self._pack.add(h, bytes(pack.buf[off:off + n]))
+                self._pack_repairs |= repairs
+                self._requeued = True
+                self._uploading -= 1
+                self._pack_cv.notify_all()
+            raise
+        for h in repairs:
+            self.repaired(h)
+        with self._pack_cv:
+            self.packs_written += 1
+            self.pack_bytes_written += len(data)
+            self._uploading -= 1
+            self._pack_cv.notify_all()
+
+    def flush(self) -> None:
+        """Make every chunk stored so far durable: upload the open pack (and its index file) and wait for
+        packs other threads are uploading. Backups call it before every checkpoint and before the commit:
+        a checkpoint or a manifest never names a chunk that is not in the repository."""
+        for _ in range(2):
+            with self._pack_cv:
+                pack = None
+                if self._pack.entries:
+                    pack, repairs = self._take_pack()
+            if pack is not None:
+                self._upload(pack, repairs)
+            with self._pack_cv:
+                while self._uploading:
+                    self._pack_cv.wait()
+                if not self._requeued:
+                    return
+                self._requeued = False  # another thread's upload failed: its blobs are in the open pack now
+        raise StoreError(f"{self.store.describe()}: a pack could not be uploaded; its chunks are kept for the "
+                         "next attempt")
+
+    def pending_bytes(self) -> int:
+        """Bytes in the open pack (not yet durable)."""
+        with self._pack_cv:
+            return len(self._pack.buf)
+
+    # -- the index --------------------------------------------------------------------------------------------
+    def ensure_index(self) -> None:
+        if not self._index_synced:
+            self.sync_index()
+
+    def sync_index(self) -> None:
+        """Bring the local index in step with ``index/`` (new files read, removed ones dropped), and read
+        the prune plans (their packs are never reused: docs/FORMAT.md, "Prune")."""
+        names = {k.rsplit("/", 1)[-1] for k in self.store.list("index")}
+        known = self.index.known_files()
+        gone = known - names
+        if gone:
+            self.index.drop_files(gone)
+        problems = []
+        for name in sorted(names - known):
+            if not _HEX64.match(name):
+                continue
+            try:
+                raw = self.store.get_bytes(index_key(name))
+                if hashlib.sha256(raw).hexdigest() != name:
+                    raise PackFormatError("its content does not match its name")
+                self.index.add_file(name, decode_index(raw, self._unseal))
+            except KeyNotFound:
+                continue  # removed by a prune meanwhile
+            except (PackFormatError, IntegrityError) as e:
+                problems.append(f"index file {name}: {e}")
+        self.index_problems = problems
+        self.excluded = frozenset(p for plan in self.prune_plans() for p in plan.get("packs", ()))
+        self._index_synced = True
+
+    def refresh_for_backup(self) -> None:
+        """Called by each mailbox backup once it holds its lease: the index and prune plans are read again,
+        and if a plan appeared since, the known-chunk cache forgets everything (it may hold chunks of packs
+        the plan will delete, which this backup must not reuse)."""
+        before = self.excluded
+        self.sync_index()
+        if self.excluded - before:
+            with self._lock:
+                self._known.clear()
+
+    def chunk_is_reusable(self, h: str) -> bool:
+        """Is chunk ``h`` stored in a pack that no prune plans to delete (or in this process's open pack)?"""
+        if self.index.has(h, self.excluded):
+            return True
+        with self._pack_cv:
+            return h in self._pack.ids
+
+    def prune_plans(self) -> list[dict[str, Any]]:
+        """The prune plans waiting for their second pass (``prune/<id>.json``)."""
+        plans = []
+        for key in self.store.list("prune"):
+            if not key.endswith(".json"):
+                continue
+            try:
+                plan = self.read_json(key)
+            except (KeyNotFound, IntegrityError):
+                continue
+            if isinstance(plan, dict):
+                plans.append({**plan, "key": key})
+        return plans
 
     def _chunk(self, h: str, item: str) -> bytes:
         if not _HEX64.match(h):
             raise IntegrityError(f"{item}: invalid chunk name {h!r} in the manifest")
+        self.ensure_index()
+        locs = self.index.locations(h)
+        if not locs:
+            self.sync_index()  # stored since we looked, or moved by a prune
+            locs = self.index.locations(h)
+        if not locs:
+            with self._pack_cv:
+                for c, off, n in self._pack.entries:
+                    if c == h:
+                        return self._piece(h, bytes(self._pack.buf[off:off + n]), item)
+            raise IntegrityError(f"{item}: chunk {h} is missing from the repository")
+        problem = "missing from the repository"
+        for attempt in range(2):
+            for pid, off, n in locs:
+                try:
+                    blob = self.store.get_range(pack_key(pid), off, n)
+                except KeyNotFound:
+                    continue
+                try:
+                    return self._piece(h, blob, item)
+                except IntegrityError as e:
+                    problem = str(e).split(f"chunk {h} is ", 1)[-1]
+            if attempt == 0 and problem == "missing from the repository":
+                self.sync_index()  # a prune may have repacked it: look again once
+                locs = self.index.locations(h)
+                continue
+            break
+        raise IntegrityError(f"{item}: chunk {h} is {problem}")
+
+    def _piece(self, h: str, blob: bytes, item: str) -> bytes:
         try:
-            blob = self.store.get_bytes(_blob_key(h))
-        except KeyNotFound:
-            raise IntegrityError(f"{item}: chunk {h} is missing from the repository") from None
-        try:
-            piece = self._zd().decompress(blob)
+            piece = self._zd().decompress(self._unseal(blob, h))
+        except IntegrityError:
+            raise IntegrityError(f"{item}: chunk {h} is corrupt (does not decrypt)") from None
         except zstandard.ZstdError as e:
             raise IntegrityError(f"{item}: chunk {h} is corrupt ({e})") from None
-        if hashlib.sha256(piece).hexdigest() != h:
+        if self.chunk_id(piece) != h:
             raise IntegrityError(f"{item}: chunk {h} is corrupt (hash mismatch)")
         return piece
 
@@ -288,14 +593,18 @@ class Repository:
         return len(self._chunk(h, item))
 
     def has_chunk(self, h: str) -> bool:
-        return bool(_HEX64.match(h)) and self.store.exists(_blob_key(h))
+        """Is chunk ``h`` in a pack that exists (looked up again: index synced, the pack asked for)?"""
+        if not _HEX64.match(h):
+            return False
+        self.sync_index()
+        return any(self.store.exists(pack_key(p)) for p, _, _ in self.index.locations(h))
 
     def iter_chunk_names(self) -> Iterator[str]:
-        """Every chunk in the repository (one listing of ``blobs/``)."""
-        for key in self.store.list("blobs"):
-            name = key.rsplit("/", 1)[-1]
-            if _HEX64.match(name):
-                yield name
+        """Every chunk the index lists in a pack that exists (one listing of ``index/`` and ``packs/``)."""
+        self.sync_index()
+        present = {k.rsplit("/", 1)[-1] for k in self.store.list("packs")}
+        missing = frozenset(p for p in self.index.packs() if p not in present)
+        yield from self.index.iter_chunks(missing)
 
     def read_content(self, sha256: str, chunks: list[str], size: int, *, item: str = "item") -> bytes:
         return b"".join(self.iter_content(sha256, chunks, size, item=item))
@@ -309,8 +618,8 @@ class Repository:
         with self._lock:
             self.damaged.add(h)
             self._known.pop(h, None)
-        self.store.put_bytes(f"damaged/{h}", json.dumps(
-            {"chunk": h, "reason": reason[:300], "found_at": datetime.now(timezone.utc).isoformat()}).encode())
+        self.write_json(f"damaged/{h}", {"chunk": h, "reason": reason[:300],
+                                         "found_at": datetime.now(timezone.utc).isoformat()})
 
     def load_damaged(self) -> set[str]:
         """The chunks marked damaged (one listing of ``damaged/``, usually empty); kept in :attr:`damaged`."""
@@ -361,7 +670,7 @@ class Repository:
         return [info for _, info, _ in self.scan_snapshots(user_id) if info is not None]
 
     def _read_info(self, key: str) -> SnapshotInfo:
-        raw = self.store.get_bytes(key)
+        raw = self.get_object(key)
         try:
             info = SnapshotInfo.from_json(json.loads(raw))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
@@ -399,7 +708,7 @@ class Repository:
     def _parquet(self, key: str, expect: dict[str, Any] | None, tmp_dir: str | None) -> tuple[pq.ParquetFile, str | None]:
         """Open a Parquet file of the repository, verified: against the size and sha256 its commit record
         gives (``expect``), and page by page against its page checksums. Damage → :class:`IntegrityError`."""
-        tmp = None
+        tmp = sealed = None
         try:
             try:
                 if isinstance(self.store, LocalStore):
@@ -414,6 +723,17 @@ class Repository:
                 if size != expect.get("size") or digest != expect.get("sha256"):
                     raise IntegrityError(f"{key}: damaged ({size} bytes, sha256 {digest[:12]}…; the commit record "
                                          f"says {expect.get('size')} bytes, {str(expect.get('sha256'))[:12]}…)")
+            if self.cipher is not None:
+                sealed, path = path, self._local_tmp(tmp_dir, ".parquet")
+                try:
+                    with open(sealed, "rb") as fin, open(path, "wb") as fout:
+                        self.cipher.open_file(fin, fout, key)
+                except crypto.DecryptError as e:
+                    os.unlink(path)
+                    raise IntegrityError(str(e)) from None
+                if tmp:
+                    os.unlink(tmp)
+                tmp = path
             try:
                 return pq.ParquetFile(path, page_checksum_verification=True), tmp
             except PARQUET_ERRORS as e:
@@ -510,12 +830,14 @@ class Repository:
         return f"mailboxes/{mailbox_dir(user_id)}/checkpoints"
 
     def write_checkpoint(self, user_id: str, rows: list[dict[str, Any]], *, tmp_dir: str | None = None) -> str:
-        """A new checkpoint part listing items already stored (atomic: whole or absent)."""
+        """A new checkpoint part listing items already stored (atomic: whole or absent). The open pack is
+        flushed first: a checkpoint never names a chunk that is not in the repository."""
+        self.flush()
         name = new_snapshot_id() + secrets.token_hex(2) + ".parquet"
         tmp = self._local_tmp(tmp_dir, ".parquet")
         try:
             pq.write_table(pa.Table.from_batches([to_batch(rows, CHECKPOINT)]), tmp, **PARQUET_OPTIONS)
-            self.store.put_file(f"{self._ckpt_prefix(user_id)}/{name}", tmp)
+            self._put_local_file(f"{self._ckpt_prefix(user_id)}/{name}", tmp)
         finally:
             os.unlink(tmp)
         return name
@@ -548,7 +870,7 @@ class Repository:
                             w.write_batch(batch)
                     except IntegrityError:
                         continue
-            self.store.put_file(f"{self._ckpt_prefix(user_id)}/{name}", tmp)
+            self._put_local_file(f"{self._ckpt_prefix(user_id)}/{name}", tmp)
         finally:
             os.unlink(tmp)
         for key in keys:
@@ -572,11 +894,50 @@ class Repository:
         for d, keys in by_dir.items():
             if not any(k.endswith("/snapshot.json") for k in keys):
                 for k in keys:
-                    self.store.delete(k)
-                    removed += 1
+                    try:
+                        self.store.delete(k)
+                        removed += 1
+                    except ObjectLocked:
+                        pass  # Object Lock: invisible to readers, removed by a later backup once its date passes
                 self.store.remove_empty(d)
         removed += self.store.clean_leftovers(f"mailboxes/{mailbox_dir(user_id)}", older_than)
         return removed
+
+    def delete_snapshot(self, user_id: str, snapshot_id: str) -> None:
+        """Forget one committed snapshot: its ``snapshot.json`` goes first (the snapshot stops existing for
+        every reader at that moment), then its other files. Its chunks stay until ``prune``."""
+        if not _SNAP_ID.match(snapshot_id):
+            raise RepositoryError(f"not a snapshot id: {snapshot_id!r}")
+        prefix = f"{self._snap_prefix(user_id)}/{snapshot_id}"
+        self.store.delete(f"{prefix}/snapshot.json")
+        for key in list(self.store.list(prefix)):
+            self.store.delete(key)
+        self.store.remove_empty(prefix)
+
+    def unfinished_restores(self, user_id: str | None = None) -> list[dict[str, Any]]:
+        """Plans of restores that have not finished (no ``result.json``), into any mailbox: each dict holds
+        ``source_user_id`` and ``snapshot_id`` (the snapshot the restore reads, which forget must keep),
+        ``target_user_id`` and ``restore_id``. ``user_id``: only those reading that mailbox."""
+        by_dir: dict[str, set[str]] = {}
+        for key in self.store.list("mailboxes"):
+            parts = key.split("/")
+            if len(parts) == 5 and parts[2] == "restores" and parts[4] in ("plan.json", "result.json"):
+                by_dir.setdefault("/".join(parts[:4]), set()).add(parts[4])
+        out = []
+        for d, names in sorted(by_dir.items()):
+            if "result.json" in names or "plan.json" not in names:
+                continue
+            try:
+                plan = self.read_json(f"{d}/plan.json")
+            except (KeyNotFound, IntegrityError):
+                continue
+            if not isinstance(plan, dict) or not plan.get("source") or not plan.get("snapshot_id"):
+                continue
+            if user_id is not None and mailbox_dir(str(plan["source"])) != mailbox_dir(user_id):
+                continue
+            out.append({**plan, "source_user_id": plan["source"], "target_user_id": plan.get("target"),
+                        "restore_id": d.rsplit("/", 1)[-1]})
+        return out
 
     # -- restores: their progress, so that a restore started again resumes ----------------------------------
     def _restore_prefix(self, user_id: str, restore_id: str) -> str:
@@ -586,27 +947,25 @@ class Repository:
 
     def read_restore_plan(self, user_id: str, restore_id: str) -> dict[str, Any] | None:
         try:
-            return json.loads(self.store.get_bytes(f"{self._restore_prefix(user_id, restore_id)}/plan.json"))
+            return self.read_json(f"{self._restore_prefix(user_id, restore_id)}/plan.json")
         except KeyNotFound:
             return None
-        except ValueError:
+        except IntegrityError:
             return {}
 
     def write_restore_plan(self, user_id: str, restore_id: str, plan: dict[str, Any]) -> None:
-        self.store.put_bytes(f"{self._restore_prefix(user_id, restore_id)}/plan.json",
-                             json.dumps(plan, indent=1, default=str).encode())
+        self.write_json(f"{self._restore_prefix(user_id, restore_id)}/plan.json", plan)
 
     def write_restore_progress(self, user_id: str, restore_id: str, rows: list[dict[str, Any]]) -> None:
         """A part of a restore's progress: rows ``{source, created, folder, status}`` (written whole)."""
         name = new_snapshot_id() + secrets.token_hex(2) + ".json"
-        self.store.put_bytes(f"{self._restore_prefix(user_id, restore_id)}/progress/{name}",
-                             json.dumps(rows, separators=(",", ":")).encode())
+        self.write_json(f"{self._restore_prefix(user_id, restore_id)}/progress/{name}", rows, indent=None)
 
     def iter_restore_progress(self, user_id: str, restore_id: str) -> Iterator[dict[str, Any]]:
         for key in sorted(self.store.list(f"{self._restore_prefix(user_id, restore_id)}/progress")):
             try:
-                rows = json.loads(self.store.get_bytes(key))
-            except (ValueError, KeyNotFound):
+                rows = self.read_json(key)
+            except (IntegrityError, KeyNotFound):
                 continue  # a damaged part only costs a lookup in the mailbox (tagged items are found there)
             yield from (r for r in rows if isinstance(r, dict))
 
@@ -623,25 +982,24 @@ class Repository:
         return len(keys)
 
     def write_restore_result(self, user_id: str, restore_id: str, result: dict[str, Any]) -> None:
-        self.store.put_bytes(f"{self._restore_prefix(user_id, restore_id)}/result.json",
-                             json.dumps(result, indent=1, default=str).encode())
+        self.write_json(f"{self._restore_prefix(user_id, restore_id)}/result.json", result)
 
     # -- the mailbox lease ---------------------------------------------------------------------------------
     def _lease_key(self, user_id: str, name: str = "lease.json") -> str:
         return f"mailboxes/{mailbox_dir(user_id)}/{name}"
 
     def acquire_lease(self, user_id: str, upn: str, seconds: float, *, name: str = "lease.json",
-                      what: str = "backup of this mailbox") -> Lease:
+                      what: str = "backup of this mailbox", key: str | None = None) -> Lease:
         """Take the mailbox's backup lease for ``seconds`` (renew it with :meth:`Lease.renew`), or raise
         :class:`LeaseBusy` naming the holder. A conditional create takes a free lease; an expired one is
         taken over with a conditional replace of exactly the version that was read, so of two backups
         racing for it one wins. No lock service is needed; the store's conditional writes are the lock.
         ``name``/``what``: another lease of the mailbox (a restore's)."""
-        key = self._lease_key(user_id, name)
+        key = key or self._lease_key(user_id, name)
         me = {"holder": secrets.token_hex(8), "host": socket.gethostname(), "pid": os.getpid(),
               "pid_start": _process_start(os.getpid()), "upn": upn, "acquired_at": datetime.now(timezone.utc).isoformat()}
         for _ in range(3):
-            body = _lease_body(me, seconds)
+            body = self._seal(_lease_body(me, seconds), key)
             try:
                 version = self.store.put_if_absent(key, body)
                 return Lease(self, key, me, seconds, version)
@@ -652,9 +1010,9 @@ class Repository:
             except KeyNotFound:
                 continue  # released meanwhile: try again
             try:
-                cur = json.loads(raw)
+                cur = json.loads(self._unseal(raw, key))
                 expires = datetime.fromisoformat(cur["expires_at"])
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, IntegrityError):
                 cur, expires = {"holder": "?"}, datetime.min.replace(tzinfo=timezone.utc)  # unreadable: expired
             if cur.get("holder") == me["holder"]:
                 return Lease(self, key, me, seconds, version)  # ours: the answer to our write was lost, not the write
@@ -669,6 +1027,21 @@ class Repository:
             except (PreconditionFailed, KeyNotFound):
                 continue  # someone else took it over first (or released it), or our write landed: look again
         raise LeaseBusy(f"another {what} is taking its lease at the same time", {})
+
+    def live_leases(self) -> list[dict[str, Any]]:
+        """Every mailbox lease (backups', restores', forgets') that has not expired, with its ``key``."""
+        out = []
+        now = datetime.now(timezone.utc)
+        for key in self.store.list("mailboxes"):
+            if not key.endswith("lease.json"):
+                continue
+            try:
+                doc = json.loads(self.get_object(key))
+                if datetime.fromisoformat(doc["expires_at"]) > now and not _holder_dead(doc):
+                    out.append({**doc, "key": key})
+            except (KeyNotFound, IntegrityError, ValueError, KeyError, TypeError):
+                continue  # gone, or unreadable: an unreadable lease is an expired one (acquire_lease)
+        return out
 
 
 def _proc_stat(pid: int) -> list[bytes] | None:
@@ -722,21 +1095,29 @@ class Lease:
         self.seconds = seconds
         self.version = version
         self._lock = threading.Lock()  # renewals from two threads (the timer, the commit) go one at a time
+        self._valid_until = time.monotonic() + seconds
 
     def renew(self) -> None:
         with self._lock:
+            if time.monotonic() > self._valid_until:
+                # expired by our own clock: others may have treated it as free (a prune's second pass, a
+                # takeover) even if nobody replaced it, so it is lost, whatever the store still holds
+                raise LeaseBusy("this lease was lost: it expired before it was renewed (the process was "
+                                "stalled); stopped without committing", {})
+            body = self.repo._seal(_lease_body(self.me, self.seconds), self.key)
             try:
-                self.version = self.repo.store.put_if_version(self.key, _lease_body(self.me, self.seconds),
-                                                              self.version)
+                self.version = self.repo.store.put_if_version(self.key, body, self.version)
+                self._valid_until = time.monotonic() + self.seconds
                 return
             except (PreconditionFailed, KeyNotFound):
                 pass
             try:  # the write may have landed and only its answer been lost (a retried PUT then sees 412)
                 raw, version = self.repo.store.get_versioned(self.key)
-                if json.loads(raw).get("holder") == self.me["holder"]:
+                if json.loads(self.repo._unseal(raw, self.key)).get("holder") == self.me["holder"]:
                     self.version = version
+                    self._valid_until = time.monotonic() + self.seconds
                     return
-            except (KeyNotFound, ValueError, AttributeError):
+            except (KeyNotFound, ValueError, AttributeError, IntegrityError):
                 pass
             raise LeaseBusy("this lease was lost (it expired and another run took it over); stopped without "
                             "committing", {})
@@ -805,15 +1186,22 @@ class SnapshotWriter:
         record is written (the engine renews its lease there: a backup that lost it never commits)."""
         if self._done:
             raise RuntimeError("snapshot already committed or aborted")
+        self.repo.flush()  # every chunk the manifest names is in the repository before the manifest is
         self._writer.close()
         prefix = f"{self.repo._snap_prefix(self.user_id)}/{self.snapshot_id}"
         folders_path = os.path.join(self._dir, "folders.parquet")
         pq.write_table(pa.Table.from_batches([to_batch(self._folders, FOLDERS)]), folders_path, **PARQUET_OPTIONS)
         files = {}
         for name, path in (("manifest.parquet", self._manifest_path), ("folders.parquet", folders_path)):
+            key = f"{prefix}/{name}"
+            if self.repo.cipher is not None:
+                sealed = path + ".sealed"
+                self.repo.cipher.seal_file(path, sealed, key)
+                os.unlink(path)
+                path = sealed
             size, digest = _file_digest(path)
             files[name] = {"size": size, "sha256": digest}
-            self.repo.store.put_file(f"{prefix}/{name}", path)
+            self.repo.store.put_file(key, path)
         info = SnapshotInfo(
             snapshot_id=self.snapshot_id, user_id=self.user_id, upn=self.upn, started_at=started_at,
             committed_at=datetime.now(timezone.utc), items=self.items, size_bytes=self.size_bytes,
@@ -822,8 +1210,7 @@ class SnapshotWriter:
         )
         if before_commit is not None:
             before_commit()
-        self.repo.store.put_bytes(f"{prefix}/snapshot.json", json.dumps(info.to_json(), indent=1,
-                                                                        default=str).encode())
+        self.repo.write_json(f"{prefix}/snapshot.json", info.to_json())
         self._cleanup()
         return info
 
@@ -844,20 +1231,27 @@ class SnapshotWriter:
         os.rmdir(self._dir)
 
 
+def open_store(tenant: TenantConfig, *, s3_client: Any = None) -> ObjectStore:
+    """The object store behind the tenant's ``storage``: ``s3://bucket/prefix`` or a local folder."""
+    storage = tenant.storage
+    if storage.startswith("s3://"):
+        bucket, _, prefix = storage[5:].partition("/")
+        client = s3_client or make_s3_client(tenant.s3.endpoint_url, tenant.s3.region)
+        return S3Store(client, bucket, prefix, object_lock=tenant.s3.object_lock)
+    path = storage[7:] if storage.startswith("file://") else storage
+    return LocalStore(os.path.expanduser(path))
+
+
 def open_repository(tenant: TenantConfig, *, s3_client: Any = None, create: bool = True,
                     tmp_dir: str | None = None) -> Repository:
     """The tenant's repository: ``s3://bucket/prefix`` or a local folder (path or ``file://`` URL).
     A store that cannot be used raises a one-line :class:`UserError` naming the tenant and the storage."""
-    storage = tenant.storage
     try:
-        if storage.startswith("s3://"):
-            bucket, _, prefix = storage[5:].partition("/")
-            client = s3_client or make_s3_client(tenant.s3.endpoint_url, tenant.s3.region)
-            store: ObjectStore = S3Store(client, bucket, prefix)
-        else:
-            path = storage[7:] if storage.startswith("file://") else storage
-            store = LocalStore(os.path.expanduser(path))
-        return Repository.open(store, tenant.name, create=create, tmp_dir=tmp_dir)
+        store = open_store(tenant, s3_client=s3_client)
+        passphrase = (crypto.passphrase_from_env(tenant.encryption.passphrase_env, tenant.name)
+                      if tenant.encryption else None)
+        return Repository.open(store, tenant.name, create=create, tmp_dir=tmp_dir, passphrase=passphrase,
+                               encrypt_new=tenant.encryption is not None)
     except UserError as e:
         text = str(e)
         raise type(e)(f"tenant {tenant.name}: {text}" if not text.startswith("tenant ") else text) from None

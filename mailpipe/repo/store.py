@@ -19,9 +19,13 @@ import tempfile
 import time
 from contextlib import contextmanager
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, TypeVar
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from mailpipe.errors import UserError
+
+if TYPE_CHECKING:
+    from mailpipe.config import ObjectLockConfig
 
 log = logging.getLogger("mailpipe.repo")
 T = TypeVar("T")
@@ -41,6 +45,27 @@ class PreconditionFailed(StoreError):
     """A conditional write lost: the object exists (create) or changed (replace)."""
 
 
+class ObjectLocked(StoreError):
+    """S3 Object Lock keeps the object: its retention date is in the future (or a legal hold is on). Nothing
+    was deleted — not even hidden behind a delete marker. ``until`` is None for a legal hold."""
+
+    def __init__(self, message: str, key: str, until: datetime | None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.until = until
+
+
+# What the repository writes once and never replaces: under Object Lock these keys get a retention date.
+# Everything else (lease.json, checkpoints/, damaged/, restores/, prune/ plans) is replaced or deleted in
+# normal operation and is never locked.
+_LOCKED_KEY = re.compile(r"^(?:(?:packs|index|keys|blobs)/|mailboxes/[^/]+/snapshots/|mailpipe\.json$)")
+
+
+def is_locked_key(key: str) -> bool:
+    """Whether ``key`` is written with a retention date when the store has Object Lock configured."""
+    return bool(_LOCKED_KEY.match(key))
+
+
 def check_key(key: str) -> str:
     parts = key.split("/")
     if not parts or any(not _COMPONENT.match(p) or ".." in p for p in parts):
@@ -52,11 +77,16 @@ class ObjectStore(Protocol):
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def put_file(self, key: str, path: str) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...
+    def get_range(self, key: str, offset: int, length: int) -> bytes: ...
     def get_file(self, key: str, path: str) -> None: ...
     def exists(self, key: str) -> bool: ...
+    def modified_at(self, key: str) -> datetime: ...
     def list(self, prefix: str) -> Iterator[str]: ...
     def delete(self, key: str) -> None: ...
     def describe(self) -> str: ...
+    # S3 Object Lock: until when the object is retained (None: not retained now); extending never shortens
+    def retained_until(self, key: str) -> datetime | None: ...
+    def extend_retention(self, key: str, until: datetime) -> datetime | None: ...
     # conditional writes (leases): a version tag per object, compared on write
     def get_versioned(self, key: str) -> tuple[bytes, str]: ...
     def put_if_absent(self, key: str, data: bytes) -> str: ...
@@ -160,6 +190,12 @@ class LocalStore:
         with self._errors(key), open(self._path(key), "rb") as f:
             return f.read()
 
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset`` (fewer at the end of the object)."""
+        with self._errors(key), open(self._path(key), "rb") as f:
+            f.seek(offset)
+            return f.read(length)
+
     def get_file(self, key: str, path: str) -> None:
         with self._errors(key):
             shutil.copyfile(self._path(key), path)
@@ -173,6 +209,11 @@ class LocalStore:
 
     def exists(self, key: str) -> bool:
         return os.path.exists(self._path(key))
+
+    def modified_at(self, key: str) -> datetime:
+        """When the object was last written."""
+        with self._errors(key):
+            return datetime.fromtimestamp(os.stat(self._path(key)).st_mtime, timezone.utc)
 
     def list(self, prefix: str) -> Iterator[str]:
         base = os.path.join(self.root, *[p for p in prefix.strip("/").split("/") if p]) if prefix.strip("/") \
@@ -195,6 +236,15 @@ class LocalStore:
 
     def describe(self) -> str:
         return self.root
+
+    def retained_until(self, key: str) -> datetime | None:
+        """A folder has no Object Lock (the tenants file refuses ``s3.object_lock`` for one)."""
+        if not os.path.exists(self._path(key)):
+            raise KeyNotFound(key)
+        return None
+
+    def extend_retention(self, key: str, until: datetime) -> datetime | None:
+        return None
 
     # -- conditional writes: a lock file serialises them between processes of this host (and NFSv4
     # clients, which forward fcntl locks); the version of an object is the sha256 of its bytes
@@ -293,15 +343,24 @@ class S3Store:
     are single requests (or boto3's multipart upload for files), so an object is either complete or absent.
 
     Conditional writes (``If-None-Match: *``, ``If-Match: <etag>``, S3 since 2024, MinIO, moto) carry the
-    mailbox leases; a store that ignores them gives no mutual exclusion (docs/ENGINE.md, "the lease")."""
+    mailbox leases; a store that ignores them gives no mutual exclusion (docs/ENGINE.md, "the lease").
+
+    ``object_lock``: every write of a key :func:`is_locked_key` accepts carries an Object Lock mode and a
+    retain-until date (now + days) and a CRC32 checksum (S3 refuses a locked PUT without Content-MD5 or a
+    checksum; it is asked for explicitly so that ``request_checksum_calculation = when_required`` in an AWS
+    config cannot turn it off). The bucket must have Object Lock enabled, so it is versioned, and
+    :meth:`delete` then removes every version of the key (see there). Without ``object_lock`` nothing is
+    locked and a delete in a versioned bucket only adds a delete marker, as S3 does."""
 
     def __init__(self, client: Any, bucket: str, prefix: str = "", attempts: int = 5,
-                 base_delay: float = 0.2) -> None:
+                 base_delay: float = 0.2, *, object_lock: ObjectLockConfig | None = None) -> None:
         self.client = client
         self.base_delay = base_delay
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         self.attempts = attempts
+        self.object_lock = object_lock
+        self._lock_checked = False  # the bucket's Object Lock configuration was looked at (first locked write)
         if self.prefix:
             for p in self.prefix.split("/"):
                 if not p or p in (".", "..") or "\x00" in p:
@@ -314,6 +373,9 @@ class S3Store:
     def _problem(self, code: str, what: str) -> StoreError:
         meaning, todo = _S3_PROBLEMS.get(code, (None, None))
         if meaning:
+            if self.object_lock is not None and code in ("AccessDenied", "403"):
+                todo += (" (with `s3.object_lock`, also s3:ListBucketVersions, s3:DeleteObjectVersion, "
+                         "s3:GetObjectRetention, s3:PutObjectRetention and s3:GetBucketObjectLockConfiguration)")
             return StoreError(f"storage {self.describe()}: {meaning} ({code}) — {todo}")
         return StoreError(f"storage {self.describe()}: S3 {what}: {code}")
 
@@ -344,17 +406,120 @@ class S3Store:
             log.info("retrying S3 %s (attempt %d)", what, attempt + 1)
         raise AssertionError("unreachable")
 
+    # -- Object Lock ----------------------------------------------------------------------------------
+    def _lock_args(self, key: str) -> dict[str, Any]:
+        """The PUT arguments that lock ``key`` (none when it is not a write-once key or no lock is set)."""
+        if self.object_lock is None or not is_locked_key(key):
+            return {}
+        self._require_lock_enabled()
+        until = _whole_second(datetime.now(timezone.utc) + timedelta(days=self.object_lock.days))
+        return {"ObjectLockMode": self.object_lock.mode, "ObjectLockRetainUntilDate": until,
+                "ChecksumAlgorithm": "CRC32"}
+
+    def _require_lock_enabled(self) -> None:
+        """Once per store, before the first locked write: the bucket must have Object Lock enabled, or every
+        locked PUT would fail with a bare ``InvalidRequest``. Credentials not allowed to read the bucket's
+        configuration skip the check (the PUT itself then tells)."""
+        if self._lock_checked:
+            return
+        from botocore.exceptions import ClientError
+
+        def call() -> dict[str, Any] | None:
+            try:
+                return self.client.get_object_lock_configuration(Bucket=self.bucket)
+            except ClientError as e:
+                code = str(e.response.get("Error", {}).get("Code", ""))
+                if code == "ObjectLockConfigurationNotFoundError":
+                    return None
+                if code in ("AccessDenied", "403", "NotImplemented", "501"):
+                    return {"ObjectLockConfiguration": {"ObjectLockEnabled": "Enabled"}}  # cannot tell
+                raise
+
+        resp = self._retry(f"GET object lock configuration of {self.bucket}", call)
+        conf = (resp or {}).get("ObjectLockConfiguration") or {}
+        if conf.get("ObjectLockEnabled") != "Enabled":
+            raise StoreError(f"storage {self.describe()}: the bucket does not have S3 Object Lock enabled — "
+                             "`s3.object_lock` needs a bucket created with Object Lock (docs/CONFIG.md), "
+                             "or remove `s3.object_lock` from the tenants file")
+        if conf.get("Rule"):
+            log.warning("storage %s: the bucket has a default Object Lock retention: lease, checkpoint and "
+                        "progress files get locked too; remove the default rule (mailpipe sets retention per "
+                        "object, docs/CONFIG.md)", self.describe())
+        self._lock_checked = True
+
+    def _lock_state(self, k: str,
+                    version_id: str | None = None) -> tuple[str | None, datetime | None, bool, str | None]:
+        """(mode, retain-until date, legal hold on, version id) of the current version of full key ``k``
+        (or of ``version_id``), from one HEAD."""
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": k}
+        if version_id is not None:
+            kw["VersionId"] = version_id
+        resp = self._retry(f"HEAD {k}", lambda: self.client.head_object(**kw))
+        until = resp.get("ObjectLockRetainUntilDate")
+        if until is not None:
+            until = until.replace(tzinfo=timezone.utc) if until.tzinfo is None else until.astimezone(timezone.utc)
+        return (resp.get("ObjectLockMode"), until, resp.get("ObjectLockLegalHoldStatus") == "ON",
+                resp.get("VersionId"))
+
+    def retained_until(self, key: str) -> datetime | None:
+        """The date until which Object Lock keeps the current version of ``key``, or None when nothing keeps
+        it now (no retention, or its date has passed). :class:`KeyNotFound` when there is no such key. S3
+        returns the date only to credentials with ``s3:GetObjectRetention``."""
+        _, until, _, _ = self._lock_state(self._k(key))
+        return until if until is not None and until > datetime.now(timezone.utc) else None
+
+    def extend_retention(self, key: str, until: datetime) -> datetime | None:
+        """Keep the current version of ``key`` locked at least until ``until`` (an aware datetime): the
+        retain-until date is moved later, never earlier; the object's mode is kept (an object without one
+        gets the configured mode). Returns the retain-until date now in force."""
+        if until.tzinfo is None:
+            raise ValueError("extend_retention needs an aware datetime")
+        k = self._k(key)
+        mode, current, _, version_id = self._lock_state(k)
+        until = _whole_second(until)
+        if current is not None and current >= until:
+            return current
+        mode = mode or (self.object_lock.mode if self.object_lock else None)
+        if mode is None:
+            raise StoreError(f"storage {self.describe()}: cannot set a retention date on {key}: "
+                             "`s3.object_lock` is not configured for this tenant")
+        self._set_retention(k, version_id, mode, until)
+        return until
+
+    def _set_retention(self, k: str, version_id: str | None, mode: str, until: datetime) -> None:
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Key": k, "Retention": {"Mode": mode, "RetainUntilDate": until}}
+        if version_id is not None:
+            kw["VersionId"] = version_id
+        self._retry(f"PUT retention {k}", lambda: self.client.put_object_retention(**kw))
+
+    # -- objects ---------------------------------------------------------------------------------------
     def put_bytes(self, key: str, data: bytes) -> None:
         k = self._k(key)
-        self._retry(f"PUT {k}", lambda: self.client.put_object(Bucket=self.bucket, Key=k, Body=data))
+        lock = self._lock_args(key)
+        self._retry(f"PUT {k}", lambda: self.client.put_object(Bucket=self.bucket, Key=k, Body=data, **lock))
 
     def put_file(self, key: str, path: str) -> None:
         k = self._k(key)
-        self._retry(f"PUT {k}", lambda: self.client.upload_file(path, self.bucket, k))
+        lock = self._lock_args(key)
+        self._retry(f"PUT {k}", lambda: self.client.upload_file(path, self.bucket, k, ExtraArgs=lock or None))
+        if lock:
+            # A large file goes up as a multipart upload: S3 applies the lock given at its creation, but some
+            # S3-compatible servers (moto among them) drop it. Read it back; set it if it is not there.
+            _, until, _, version_id = self._lock_state(k)
+            if until is None or until < lock["ObjectLockRetainUntilDate"]:
+                log.info("storage %s: the server did not lock %s on upload; setting its retention", self.describe(), k)
+                self._set_retention(k, version_id, lock["ObjectLockMode"], lock["ObjectLockRetainUntilDate"])
 
     def get_bytes(self, key: str) -> bytes:
         k = self._k(key)
         return self._retry(f"GET {k}", lambda: self.client.get_object(Bucket=self.bucket, Key=k)["Body"].read())
+
+    def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """``length`` bytes at ``offset``: one ranged GET."""
+        k = self._k(key)
+        rng = f"bytes={offset}-{offset + length - 1}"
+        return self._retry(f"GET {k} {rng}", lambda: self.client.get_object(Bucket=self.bucket, Key=k,
+                                                                           Range=rng)["Body"].read())
 
     def get_file(self, key: str, path: str) -> None:
         k = self._k(key)
@@ -367,6 +532,11 @@ class S3Store:
             return True
         except KeyNotFound:
             return False
+
+    def modified_at(self, key: str) -> datetime:
+        """When the object was last written (its LastModified)."""
+        k = self._k(key)
+        return self._retry(f"HEAD {k}", lambda: self.client.head_object(Bucket=self.bucket, Key=k))["LastModified"]
 
     def list(self, prefix: str) -> Iterator[str]:
         p = self._k(prefix.strip("/")) + "/" if prefix.strip("/") else (self.prefix + "/" if self.prefix else "")
@@ -384,8 +554,74 @@ class S3Store:
             token = resp["NextContinuationToken"]
 
     def delete(self, key: str) -> None:
+        """Delete ``key``; a missing key is not an error.
+
+        Without ``object_lock``: one DeleteObject (in a versioned bucket S3 then only adds a delete marker
+        and keeps the data as a noncurrent version, which a lifecycle rule expires).
+
+        With ``object_lock`` (the bucket is versioned): every version of the key is deleted by version id,
+        so the space is really freed — older versions first, the current one last, delete markers after all
+        data is gone. A version under retention (or a legal hold) stops it with :class:`ObjectLocked`
+        before the current version is touched: the object stays readable, nothing hides it behind a delete
+        marker, and the caller can report it as retained. (A plain DeleteObject would "succeed" on a locked
+        object by adding a marker: the object would vanish from listings while its bytes stay billed.)"""
         k = self._k(key)
-        self._retry(f"DELETE {k}", lambda: self.client.delete_object(Bucket=self.bucket, Key=k))
+        if self.object_lock is None:
+            self._retry(f"DELETE {k}", lambda: self.client.delete_object(Bucket=self.bucket, Key=k))
+            return
+        versions, markers = self._versions(k)
+        # S3 lists the versions of a key newest first (LastModified has only second precision): reversed,
+        # oldest first; the current version last in any case
+        versions.reverse()
+        versions.sort(key=lambda v: bool(v.get("IsLatest")))
+        for v in versions:
+            self._delete_version(key, k, v["VersionId"])
+        for m in markers:
+            self._delete_version(key, k, m["VersionId"])
+
+    def _versions(self, k: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(object versions, delete markers) of exactly the full key ``k``."""
+        versions: list[dict[str, Any]] = []
+        markers: list[dict[str, Any]] = []
+        kw: dict[str, Any] = {"Bucket": self.bucket, "Prefix": k}
+        while True:
+            resp = self._retry(f"LIST versions {k}", lambda: self.client.list_object_versions(**kw))
+            versions += [v for v in resp.get("Versions", []) or [] if v.get("Key") == k]
+            markers += [m for m in resp.get("DeleteMarkers", []) or [] if m.get("Key") == k]
+            if not resp.get("IsTruncated"):
+                return versions, markers
+            kw["KeyMarker"] = resp.get("NextKeyMarker")
+            kw["VersionIdMarker"] = resp.get("NextVersionIdMarker")
+
+    def _delete_version(self, key: str, k: str, version_id: str) -> None:
+        from botocore.exceptions import ClientError
+
+        def call() -> Any:
+            try:
+                return self.client.delete_object(Bucket=self.bucket, Key=k, VersionId=version_id)
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code", "")) in ("AccessDenied", "403"):
+                    raise _Denied() from None  # not retried; looked at below
+                raise
+
+        try:
+            self._retry(f"DELETE {k}", call)
+        except KeyNotFound:
+            pass  # already gone
+        except _Denied:
+            # S3 answers AccessDenied both for a locked version and for missing permissions: look which
+            try:
+                _, until, hold, _ = self._lock_state(k, version_id)
+            except StoreError:
+                until, hold = None, False
+            if hold:
+                raise ObjectLocked(f"storage {self.describe()}: {key} is under an S3 Object Lock legal hold — "
+                                   "it can be deleted once the hold is removed", key, None) from None
+            if until is not None and until > datetime.now(timezone.utc):
+                raise ObjectLocked(f"storage {self.describe()}: {key} is retained by S3 Object Lock until "
+                                   f"{until:%Y-%m-%d %H:%M:%S} UTC — it can be deleted after that",
+                                   key, until) from None
+            raise self._problem("AccessDenied", f"DELETE {k}") from None
 
     def describe(self) -> str:
         return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
@@ -397,13 +633,15 @@ class S3Store:
 
     def put_if_absent(self, key: str, data: bytes) -> str:
         k = self._k(key)
+        lock = self._lock_args(key)
         return self._retry(f"PUT {k}", lambda: self.client.put_object(
-            Bucket=self.bucket, Key=k, Body=data, IfNoneMatch="*"))["ETag"]
+            Bucket=self.bucket, Key=k, Body=data, IfNoneMatch="*", **lock))["ETag"]
 
     def put_if_version(self, key: str, data: bytes, version: str) -> str:
         k = self._k(key)
+        lock = self._lock_args(key)
         return self._retry(f"PUT {k}", lambda: self.client.put_object(
-            Bucket=self.bucket, Key=k, Body=data, IfMatch=version))["ETag"]
+            Bucket=self.bucket, Key=k, Body=data, IfMatch=version, **lock))["ETag"]
 
     def delete_if_version(self, key: str, version: str) -> None:
         k = self._k(key)
@@ -430,6 +668,15 @@ class S3Store:
                     Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"]))
                 removed += 1
         return removed
+
+
+class _Denied(Exception):
+    """AccessDenied on a version delete: a locked version, or missing permissions (S3 says the same)."""
+
+
+def _whole_second(t: datetime) -> datetime:
+    """``t`` rounded up to a whole second (a retain-until date never ends earlier than asked)."""
+    return t.replace(microsecond=0) + timedelta(seconds=1) if t.microsecond else t
 
 
 def make_s3_client(endpoint_url: str | None, region: str | None) -> Any:
