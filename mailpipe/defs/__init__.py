@@ -1,4 +1,4 @@
-"""The Dagster layer: partitions, the asset, the job, sensors, the schedule and the resource.
+"""The Dagster layer: partitions, the asset and its checks, the jobs, sensors, schedules and the resource.
 
 Thin by design: it turns partitions into engine calls and engine results into materializations,
 metadata and failures. Nothing heavy (msgraph, boto3) is imported when the definitions load.
@@ -17,6 +17,8 @@ def build_definitions() -> dg.Definitions:
 
     from mailpipe.config import load_tenants
     from mailpipe.defs.assets import mailbox_backup, mailbox_backup_job
+    from mailpipe.defs.checks import content_sample, content_sample_job, verify_content_sample
+    from mailpipe.defs.maintenance import maintain_all_repositories, repository_maintenance
     from mailpipe.defs.resources import MailpipeResource
     from mailpipe.defs.restore import mailbox_restore_job
     from mailpipe.defs.schedules import backup_all_mailboxes
@@ -26,8 +28,9 @@ def build_definitions() -> dg.Definitions:
     load_tenants()  # a bad tenants file fails the code location now, with its clear message
     return dg.Definitions(
         assets=[mailbox_backup],
-        jobs=[mailbox_backup_job, mailbox_restore_job],
+        asset_checks=[content_sample],  # (snapshot_structure is declared on the asset, which runs it)
+        jobs=[mailbox_backup_job, mailbox_restore_job, content_sample_job, repository_maintenance],
         sensors=[discover_mailboxes, retry_failed_mailboxes],
-        schedules=[backup_all_mailboxes],
+        schedules=[backup_all_mailboxes, verify_content_sample, maintain_all_repositories],
         resources={"mailpipe": MailpipeResource.from_settings(SETTINGS)},
     )

@@ -3,12 +3,12 @@
 
 import time
 import warnings
-from collections import defaultdict
 from datetime import datetime, timezone
 
 import dagster as dg
 
-from mailpipe.defs.partitions import mailboxes_partitions, split_key
+from mailpipe.defs.checks import snapshot_structure_evaluations, snapshot_structure_spec
+from mailpipe.defs.partitions import group_by_tenant, mailboxes_partitions
 from mailpipe.defs.resources import MailpipeResource
 from mailpipe.defs.settings import BATCH_SIZE
 from mailpipe.errors import UserError
@@ -50,16 +50,16 @@ def _metadata(r) -> dict[str, dg.MetadataValue]:
     output_required=False,
     group_name="mailpipe",
     kinds={"python"},
+    check_specs=[snapshot_structure_spec],
     description="An Exchange Online mailbox, backed up into its tenant's repository: each materialization "
-    "is a committed point-in-time snapshot (incremental fetch, deduplicated content). One run backs up a "
-    "batch of mailboxes concurrently; each partition succeeds or fails on its own.",
+    "is a committed point-in-time snapshot (incremental fetch, deduplicated content), checked right away "
+    "(snapshot_structure). One run backs up a batch of mailboxes concurrently; each partition succeeds or "
+    "fails on its own.",
 )
 def mailbox_backup(context: dg.AssetExecutionContext, mailpipe: MailpipeResource):
     keys = list(context.partition_keys)
-    by_tenant: dict[str, list[str]] = defaultdict(list)
-    for k in keys:
-        tenant, upn = split_key(k)
-        by_tenant[tenant].append(upn)
+    by_tenant = group_by_tenant(keys)
+    check_structure = snapshot_structure_spec.key in context.selected_asset_check_keys
     since = retry_since(context)
     if since:
         context.log.info(f"retry of a run started {since.isoformat()}: mailboxes committed since are skipped")
@@ -88,13 +88,16 @@ def mailbox_backup(context: dg.AssetExecutionContext, mailpipe: MailpipeResource
                 failures[f"{tenant_name}:{u}"] = str(e)
             context.log.error(str(e))
             continue
+        committed = []
         for r in results:
             key = f"{tenant_name}:{r.upn}"
             if r.ok:
                 done += 1
-                context.log_event(dg.AssetMaterialization(
+                committed.append(r)
+                # yielded, not logged: stored before the check below names it as the materialization it checks
+                yield dg.AssetMaterialization(
                     asset_key=context.asset_key, partition=key, metadata=_metadata(r),
-                    description="already committed by an earlier attempt" if r.already_committed else None))
+                    description="already committed by an earlier attempt" if r.already_committed else None)
                 context.log.info(f"{key}: snapshot {r.snapshot_id}, {r.items_total} items (+{r.items_new} "
                                  f"~{r.items_changed} -{r.items_removed}, {r.items_skipped} skipped), "
                                  f"{r.bytes_fetched:,} B fetched, {r.bytes_stored_new:,} B stored, "
@@ -104,17 +107,24 @@ def mailbox_backup(context: dg.AssetExecutionContext, mailpipe: MailpipeResource
             else:
                 failures[key] = r.error or "failed"
                 context.log.error(f"{key}: {r.error}")
+        if check_structure and committed:
+            yield from snapshot_structure_evaluations(context, mailpipe, tenant, committed)
+    if check_structure:  # the check's output (its results are the evaluations above, one per mailbox)
+        yield dg.Output(None, output_name=snapshot_structure_spec.get_python_identifier())
     if failures:
         lines = "\n".join(f"- {k}: {v}" for k, v in sorted(failures.items()))
         raise dg.Failure(
             description=f"{len(failures)} of {len(keys)} mailbox(es) failed (the {done} others are committed):\n{lines}",
             metadata={"failed": dg.MetadataValue.json(failures)},
         )
-    return
-    yield  # a generator with no output: each partition is materialized by its own event above
+    # no output of the asset itself: each partition is materialized by its own event above
 
 
 mailbox_backup_job = dg.define_asset_job(
-    "mailbox_backup_job", selection=[mailbox_backup], partitions_def=mailboxes_partitions,
-    description="Back up the mailboxes of the run's partition key or key range.",
+    "mailbox_backup_job",
+    # the asset and the check it runs itself; not content_sample (its own job and schedule, mailpipe.defs.checks)
+    selection=dg.AssetSelection.assets(mailbox_backup).without_checks()
+    | dg.AssetSelection.checks(snapshot_structure_spec.key),
+    partitions_def=mailboxes_partitions,
+    description="Back up the mailboxes of the run's partition key or key range, and check each committed snapshot.",
 )

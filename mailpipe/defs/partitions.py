@@ -31,6 +31,15 @@ def valid_key(key: str) -> bool:
     return not _BAD_KEY.search(key)
 
 
+def group_by_tenant(keys: Iterable[str]) -> dict[str, list[str]]:
+    """{tenant: [upn, …]} of partition keys, in their order."""
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        tenant, upn = split_key(k)
+        out.setdefault(tenant, []).append(upn)
+    return out
+
+
 @dataclass(frozen=True)
 class KeyRange:
     tenant: str

@@ -15,8 +15,8 @@ from mailpipe.settings import Settings
 ENGINE_SETTINGS = (
     "graph_retry_attempts", "graph_retry_base_delay", "graph_retry_max_delay", "graph_response_timeout",
     "graph_min_transfer_rate", "graph_slow_body_grace", "checkpoint_seconds", "checkpoint_items",
-    "mailbox_deadline", "item_retry_delay", "verify_min_chunks", "verify_cycle", "lease_seconds", "work_dir",
-    "max_parallel_mailboxes",
+    "mailbox_deadline", "item_retry_delay", "verify_min_chunks", "verify_cycle", "lease_seconds", "prune_safety",
+    "work_dir", "max_parallel_mailboxes",
 )
 _D = Settings()
 
@@ -44,6 +44,7 @@ class MailpipeResource(dg.ConfigurableResource):
     verify_min_chunks: int = _D.verify_min_chunks
     verify_cycle: int = _D.verify_cycle
     lease_seconds: float = _D.lease_seconds
+    prune_safety: float = _D.prune_safety
     work_dir: str = _D.work_dir
     max_parallel_mailboxes: int = _D.max_parallel_mailboxes
 
@@ -68,6 +69,45 @@ class MailpipeResource(dg.ConfigurableResource):
         from dagster_aws.s3 import S3Resource
 
         return S3Resource(endpoint_url=tenant.s3.endpoint_url, region_name=tenant.s3.region).get_client()
+
+    def repository(self, tenant: TenantConfig):
+        """The tenant's repository (it must exist); files in transit go to the tenant's private work dir."""
+        from mailpipe.repo import open_repository
+
+        return open_repository(tenant, s3_client=self.s3_client(tenant), create=False,
+                               tmp_dir=self.settings().tenant_work_dir(tenant.name))
+
+    def check_snapshots(self, tenant: TenantConfig, snapshots: list[tuple[str, str, str]]):
+        """The structural check (``mailpipe check`` without ``--read-data``) of one snapshot per mailbox,
+        ``(user id, upn, snapshot id)``: a :class:`mailpipe.repo.check.CheckResult`, per mailbox by upn."""
+        from mailpipe.repo.check import check_repository
+
+        return check_repository(self.repository(tenant), [(uid, upn) for uid, upn, _ in snapshots],
+                                snapshot={uid: sid for uid, _, sid in snapshots})
+
+    def sample_check(self, tenant: TenantConfig, upns: list[str], sample: tuple[int, int]):
+        """``mailpipe check --read-data`` of every snapshot of ``upns`` restricted to the chunks in slice
+        ``sample = (k, n)``; mailboxes without a backup are left out. Per mailbox by lower-cased upn."""
+        from mailpipe.repo.check import check_repository
+
+        repo = self.repository(tenant)
+        wanted = {u.lower() for u in upns}
+        mailboxes = [(uid, upn.lower()) for uid, upn in repo.list_mailboxes() if upn.lower() in wanted]
+        return check_repository(repo, mailboxes, snapshot="all", read_data=True, sample=sample)
+
+    def maintain(self, tenant: TenantConfig, *, dry_run: bool = False,
+                 progress: Callable[[str], None] | None = None):
+        """Repository maintenance: ``forget`` (the tenant's retention), then ``prune`` (``progress``: its
+        steps); both results."""
+        from mailpipe.repo.forget import forget
+        from mailpipe.repo.prune import prune
+
+        s = self.settings()
+        repo = self.repository(tenant)
+        forgotten = forget(repo, tenant, dry_run=dry_run, lease_seconds=s.lease_seconds)
+        pruned = prune(repo, dry_run=dry_run, safety_seconds=s.prune_safety, lease_seconds=s.lease_seconds,
+                       progress=progress)
+        return forgotten, pruned
 
     def discover(self, tenant: TenantConfig):
         from mailpipe.backup import discover_mailboxes, run

@@ -18,3 +18,6 @@ RETRY_MAX_ATTEMPTS = SETTINGS.mailbox_retry_max_attempts  # per failed partition
 RETRY_BACKOFF_S = SETTINGS.mailbox_retry_backoff          # doubles with each attempt
 RETRY_PER_TICK = SETTINGS.mailbox_retry_per_tick          # mailboxes re-launched per tick at most
 RUN_RETRY_GRACE_S = SETTINGS.run_retry_grace              # wait this long for Dagster's own run retry
+MAINTENANCE_CRON = SETTINGS.maintenance_cron              # UTC; forget + prune, one run per tenant
+SAMPLE_CHECK_CRON = SETTINGS.sample_check_cron            # UTC; the content_sample asset check
+SAMPLE_CHECK_DAYS = SETTINGS.sample_check_days            # slices: every chunk read once in this many days
