@@ -285,8 +285,11 @@ def test_erasing_a_mailbox_leaves_no_chunk_only_it_referenced(tmp_path, request)
     _snapshot(repo, "u1", "leaver@x", {**shared, **mine})
     _snapshot(repo, "u1", "leaver@x", {**shared, **mine, "m99": _msg(99, rng)})
     _snapshot(repo, "u2", "stays@x", shared)
+    repo.write_restore_plan("u1", "ab" * 8, {"source": "u2", "snapshot_id": "x", "target": "u1"})
+    repo.write_restore_result("u1", "ab" * 8, {"restored": 3})  # a finished restore into the leaver
     res = forget(repo, t, "leaver@x", erase=True)
     assert res.ok, res.summary()
+    assert list(repo.store.list("mailboxes/u1")) == []  # nothing of the mailbox is left but its chunks
     prune(repo, **FAST_PRUNE)
     prune(repo, **FAST_PRUNE)
     left = set(repo.iter_chunk_names())

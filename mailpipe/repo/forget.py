@@ -282,11 +282,13 @@ def _forget_mailbox(repo: Repository, out: MailboxOutcome, uid: str, policy, tzn
         before = len(repo.list_checkpoints(uid))
         repo.clear_checkpoints(uid)
         out.checkpoints_removed = before
+        # the records of finished restores into this mailbox hold its item and folder ids: erased too
+        out.checkpoints_removed += repo.delete_finished_restores(uid)
 
 
 def _busy_note(e: LeaseBusy) -> str:
     h = e.holder or {}
     if not h.get("host"):
         return f"its lease is taken: {e}"
-    return (f"a backup or another forget holds its lease (host {h.get('host')}, pid {h.get('pid')}, since "
+    return (f"a {h.get('what') or 'backup or another forget'} holds its lease (host {h.get('host')}, pid {h.get('pid')}, since "
             f"{str(h.get('acquired_at'))[:19]} UTC); skipped, run forget again later")

@@ -939,6 +939,21 @@ class Repository:
                         "restore_id": d.rsplit("/", 1)[-1]})
         return out
 
+    def delete_finished_restores(self, user_id: str) -> int:
+        """Remove the records of the finished restores into this mailbox (those with a ``result.json``);
+        how many objects were deleted."""
+        prefix = f"mailboxes/{mailbox_dir(user_id)}/restores"
+        by_restore: dict[str, list[str]] = {}
+        for key in self.store.list(prefix):
+            by_restore.setdefault(key[len(prefix) + 1:].split("/", 1)[0], []).append(key)
+        n = 0
+        for keys in by_restore.values():
+            if any(k.endswith("/result.json") for k in keys):
+                for k in sorted(keys, key=lambda k: k.endswith("/result.json")):  # the result last
+                    self.store.delete(k)
+                    n += 1
+        return n
+
     # -- restores: their progress, so that a restore started again resumes ----------------------------------
     def _restore_prefix(self, user_id: str, restore_id: str) -> str:
         if not re.fullmatch(r"[0-9a-f]{8,64}", restore_id):
@@ -997,7 +1012,8 @@ class Repository:
         ``name``/``what``: another lease of the mailbox (a restore's)."""
         key = key or self._lease_key(user_id, name)
         me = {"holder": secrets.token_hex(8), "host": socket.gethostname(), "pid": os.getpid(),
-              "pid_start": _process_start(os.getpid()), "upn": upn, "acquired_at": datetime.now(timezone.utc).isoformat()}
+              "pid_start": _process_start(os.getpid()), "upn": upn, "what": what,
+              "acquired_at": datetime.now(timezone.utc).isoformat()}
         for _ in range(3):
             body = self._seal(_lease_body(me, seconds), key)
             try:
@@ -1018,7 +1034,7 @@ class Repository:
                 return Lease(self, key, me, seconds, version)  # ours: the answer to our write was lost, not the write
             if expires > datetime.now(timezone.utc) and not _holder_dead(cur):
                 raise LeaseBusy(
-                    f"another {what} is running (host {cur.get('host')}, pid {cur.get('pid')}, "
+                    f"another {cur.get('what') or what} is running (host {cur.get('host')}, pid {cur.get('pid')}, "
                     f"since {str(cur.get('acquired_at'))[:19]} UTC; its lease expires {str(cur.get('expires_at'))[:19]} "
                     "UTC unless renewed)", cur)
             try:
