@@ -129,6 +129,12 @@ def check_repository(repo: Repository, mailboxes: Iterable[tuple[str, str]], *,
     repo.ensure_index()
     for p in repo.index_problems:  # an index file that cannot be read: chunks it lists look missing
         res.problem(p)
+    if read_data:  # every pack's header (what the index can be rebuilt from) is whole and agrees with the index
+        for pid in sorted(repo.index.packs()):
+            if sample is not None and int(pid[:8], 16) % sample[1] != sample[0]:
+                continue
+            if (p := repo.pack_header_problem(pid)) is not None:
+                res.problem(p)
     chunks: dict[str, int | None] = {}  # referenced chunk -> decompressed length (None: damaged/missing)
     for uid, upn in mailboxes:
         res.mailboxes += 1

@@ -45,7 +45,9 @@ from mailpipe.repo.packs import (
     ChunkIndex,
     OpenPack,
     PackFormatError,
+    decode_header,
     decode_index,
+    decode_trailer,
     encode_index,
     index_cache_path,
     index_key,
@@ -598,6 +600,27 @@ class Repository:
             return False
         self.sync_index()
         return any(self.store.exists(pack_key(p)) for p, _, _ in self.index.locations(h))
+
+    def pack_header_problem(self, pid: str) -> str | None:
+        """Read pack ``pid``'s header (two ranged GETs) and compare it with what the index lists: None when it
+        is whole and agrees, else what is wrong. The header is what the index could be rebuilt from."""
+        key = pack_key(pid)
+        try:
+            size = dict(self.index.packs()).get(pid)
+            if not size:
+                return None
+            n = decode_trailer(self.store.get_range(key, size - 8, 8))
+            if n + 8 > size:
+                return f"pack {pid}: header damaged (length out of range)"
+            entries = decode_header(self.store.get_range(key, size - 8 - n, n), self._unseal)
+        except KeyNotFound:
+            return f"pack {pid}: missing from the repository"
+        except (PackFormatError, IntegrityError) as e:
+            return f"pack {pid}: header damaged ({e})"
+        listed = set(entries)
+        if not all(b in listed for b in self.index.pack_blobs(pid)):
+            return f"pack {pid}: header damaged (it does not list the blobs the index says it holds)"
+        return None
 
     def iter_chunk_names(self) -> Iterator[str]:
         """Every chunk the index lists in a pack that exists (one listing of ``index/`` and ``packs/``)."""
