@@ -64,6 +64,7 @@ class PruneResult:
     repacked_chunks: int = 0
     repacked_bytes: int = 0
     orphan_packs_deleted: int = 0   # packs no index lists (a writer died between a pack and its index)
+    lost_packs_unindexed: int = 0   # packs the index listed that are gone: their entries dropped
     retained_packs: int = 0         # Object Lock: still locked, kept
     locks_extended: int = 0
     leftovers_removed: int = 0
@@ -373,6 +374,14 @@ def _extend_lock(repo: Repository, pid: str, now: datetime, lock_cfg: Any) -> in
 
 def _leftovers(repo: Repository, refs: _Refs, res: PruneResult, now: datetime, safety_seconds: float,
                dry_run: bool, lease_seconds: float) -> None:
+    # packs the index lists that are gone (lost, deleted by hand): their entries are dropped, so that
+    # readers stop trying them (chunks with no other copy are damage that check reports either way)
+    present = {k.rsplit("/", 1)[-1] for k in repo.store.list("packs")}
+    lost = {p for p in repo.index.packs() if p not in present}
+    if lost:
+        res.lost_packs_unindexed = len(lost)
+        if not dry_run:
+            _rewrite_index_without(repo, lost)
     # packs that no index lists, older than the safety age: a writer died between the pack and its index
     indexed = set(repo.index.packs())
     excluded_or_indexed = indexed | set(repo.excluded)

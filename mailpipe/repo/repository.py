@@ -614,7 +614,7 @@ class Repository:
                 return f"pack {pid}: header damaged (length out of range)"
             entries = decode_header(self.store.get_range(key, size - 8 - n, n), self._unseal)
         except KeyNotFound:
-            return f"pack {pid}: missing from the repository"
+            return None  # a lost pack: its chunks are reported (per item) where no other copy exists
         except (PackFormatError, IntegrityError) as e:
             return f"pack {pid}: header damaged ({e})"
         listed = set(entries)
@@ -853,9 +853,11 @@ class Repository:
         return f"mailboxes/{mailbox_dir(user_id)}/checkpoints"
 
     def write_checkpoint(self, user_id: str, rows: list[dict[str, Any]], *, tmp_dir: str | None = None) -> str:
-        """A new checkpoint part listing items already stored (atomic: whole or absent). The open pack is
-        flushed first: a checkpoint never names a chunk that is not in the repository."""
-        self.flush()
+        """A new checkpoint part listing items already stored (atomic: whole or absent). A chunk of these
+        items that is not yet in an uploaded pack travels inside the part (column ``blobs``): a restarted
+        backup puts it into its own pack instead of downloading the item again. So checkpoints can be
+        frequent (little work is lost to a kill) while packs stay large (few, big objects)."""
+        rows = self._with_pending_blobs(rows)
         name = new_snapshot_id() + secrets.token_hex(2) + ".parquet"
         tmp = self._local_tmp(tmp_dir, ".parquet")
         try:
@@ -868,13 +870,50 @@ class Repository:
     def list_checkpoints(self, user_id: str) -> list[str]:
         return sorted(k for k in self.store.list(self._ckpt_prefix(user_id)) if k.endswith(".parquet"))
 
+    def _with_pending_blobs(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``rows`` with, for each, the blobs of its chunks still in the open pack (uploads in flight are
+        waited for first: a chunk is then either in an uploaded pack or in the open one)."""
+        with self._pack_cv:
+            while self._uploading:
+                self._pack_cv.wait()
+            where = {c: (off, n) for c, off, n in self._pack.entries}
+            buf = bytes(self._pack.buf) if where else b""
+        seen: set[str] = set()
+        out = []
+        for r in rows:
+            blobs = []
+            for h in r["chunks"]:
+                if h in where and h not in seen:
+                    seen.add(h)
+                    off, n = where[h]
+                    blobs.append({"chunk": h, "data": buf[off:off + n]})
+            out.append({**r, "blobs": blobs or None})
+        return out
+
     def iter_checkpoint_rows(self, user_id: str, *, tmp_dir: str | None = None) -> Iterator[pa.RecordBatch]:
-        """Rows of every checkpoint part; a damaged part is skipped (it only saves downloads)."""
+        """Rows of every checkpoint part (without their blobs); a damaged part is skipped (it only saves
+        downloads). Blobs the parts carry are verified and put into the open pack, unless stored already."""
         for key in self.list_checkpoints(user_id):
             try:
-                yield from self._iter_parquet(key, 10_000, None, tmp_dir=tmp_dir)
+                for batch in self._iter_parquet(key, 500, None, tmp_dir=tmp_dir):
+                    if "blobs" in batch.schema.names:
+                        self._adopt_blobs(batch.column("blobs").to_pylist())
+                        batch = batch.drop_columns(["blobs"])
+                    yield batch
             except IntegrityError:
                 continue
+
+    def _adopt_blobs(self, per_row: list[list[dict[str, Any]] | None]) -> None:
+        for blobs in per_row:
+            for b in blobs or ():
+                h, data = b.get("chunk"), b.get("data")
+                if not h or data is None or not _HEX64.match(h) or self.chunk_is_reusable(h):
+                    continue
+                try:
+                    self._piece(h, data, "checkpoint")  # only what verifies (and opens with our key)
+                except IntegrityError:
+                    continue
+                self._add_blob(h, data, h in self.damaged)
 
     def compact_checkpoints(self, user_id: str, *, tmp_dir: str | None = None) -> int:
         """Merge the checkpoint parts into one (streaming: bounded memory); returns the parts merged.
@@ -883,26 +922,27 @@ class Repository:
         keys = self.list_checkpoints(user_id)
         if len(keys) < 2:
             return 0
+        self.flush()  # the blobs the parts carry are in packs now: the merged part needs none
         name = new_snapshot_id() + secrets.token_hex(2) + ".parquet"
         tmp = self._local_tmp(tmp_dir, ".parquet")
         try:
             with pq.ParquetWriter(tmp, CHECKPOINT, **PARQUET_OPTIONS) as w:
                 for key in keys:
                     try:
-                        for batch in self._iter_parquet(key, 10_000, None, tmp_dir=tmp_dir):
-                            w.write_batch(batch)
+                        for batch in self._iter_parquet(key, 500, None, tmp_dir=tmp_dir):
+                            if "blobs" in batch.schema.names:
+                                batch = batch.drop_columns(["blobs"])
+                            w.write_batch(to_batch(batch.to_pylist(), CHECKPOINT))
                     except IntegrityError:
                         continue
             self._put_local_file(f"{self._ckpt_prefix(user_id)}/{name}", tmp)
         finally:
             os.unlink(tmp)
-        for key in keys:
-            self.store.delete(key)
+        self.store.delete_many(keys)
         return len(keys)
 
     def clear_checkpoints(self, user_id: str) -> None:
-        for key in self.list_checkpoints(user_id):
-            self.store.delete(key)
+        self.store.delete_many(self.list_checkpoints(user_id))
 
     # -- leftovers of backups that died ----------------------------------------------------------------
     def clean_mailbox(self, user_id: str, *, older_than: float) -> int:
@@ -1015,8 +1055,7 @@ class Repository:
             return 0
         rows = list(self.iter_restore_progress(user_id, restore_id))
         self.write_restore_progress(user_id, restore_id, rows)
-        for key in keys:
-            self.store.delete(key)
+        self.store.delete_many(keys)
         return len(keys)
 
     def write_restore_result(self, user_id: str, restore_id: str, result: dict[str, Any]) -> None:

@@ -46,7 +46,10 @@ CHECKPOINT = pa.schema([
     pa.field("sha256", pa.string(), nullable=False),
     pa.field("chunks", pa.list_(pa.string()), nullable=False),
     pa.field("size", pa.int64(), nullable=False),
-], metadata={"mailpipe.table": "checkpoint", "mailpipe.version": "1"})
+    # the stored blobs of chunks this item was the first to store that were not yet in an uploaded pack
+    # when the part was written (a restarted backup puts them into its own pack: docs/FORMAT.md)
+    pa.field("blobs", pa.list_(pa.struct([pa.field("chunk", pa.string()), pa.field("data", pa.binary())]))),
+], metadata={"mailpipe.table": "checkpoint", "mailpipe.version": "2"})
 
 
 def _ts(v: Any) -> datetime | None:

@@ -83,6 +83,7 @@ class ObjectStore(Protocol):
     def modified_at(self, key: str) -> datetime: ...
     def list(self, prefix: str) -> Iterator[str]: ...
     def delete(self, key: str) -> None: ...
+    def delete_many(self, keys: list[str]) -> None: ...
     def describe(self) -> str: ...
     # S3 Object Lock: until when the object is retained (None: not retained now); extending never shortens
     def retained_until(self, key: str) -> datetime | None: ...
@@ -233,6 +234,10 @@ class LocalStore:
                 os.unlink(self._path(key))
             except FileNotFoundError:
                 pass
+
+    def delete_many(self, keys: list[str]) -> None:
+        for key in keys:
+            self.delete(key)
 
     def describe(self) -> str:
         return self.root
@@ -578,6 +583,22 @@ class S3Store:
             self._delete_version(key, k, v["VersionId"])
         for m in markers:
             self._delete_version(key, k, m["VersionId"])
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Delete ``keys``: one DeleteObjects request per 1,000 (with ``object_lock``, key by key: see
+        :meth:`delete`). A key that cannot be deleted raises a :class:`StoreError` naming it."""
+        if self.object_lock is not None:
+            for key in keys:
+                self.delete(key)
+            return
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": self._k(key)} for key in keys[i:i + 1000]]
+            resp = self._retry(f"DELETE {len(batch)} objects", lambda batch=batch: self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}))
+            errors = resp.get("Errors") or []
+            if errors:
+                e = errors[0]
+                raise self._problem(str(e.get("Code")), f"DELETE {e.get('Key')}: {e.get('Message')}")
 
     def _versions(self, k: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """(object versions, delete markers) of exactly the full key ``k``."""
