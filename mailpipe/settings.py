@@ -119,7 +119,7 @@ class Settings:
     graph_min_transfer_rate: int = 4096
     graph_slow_body_grace: float = 30.0
     checkpoint_seconds: float = 2.0
-    checkpoint_items: int = 25
+    checkpoint_items: int = 30
     mailbox_deadline: float = 6 * 3600.0
     item_retry_delay: float = 2.0
     verify_min_chunks: int = 2000

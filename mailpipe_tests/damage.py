@@ -13,11 +13,11 @@ from mailpipe.repo.packs import pack_key
 
 
 def chunk_location(repo, h: str) -> tuple[str, int, int]:
-    """(pack id, offset, length) of chunk ``h``'s newest copy."""
+    """(pack id, offset, length) of a stored copy of chunk ``h`` (the newest whose pack exists)."""
     repo.flush()
     repo.sync_index()
-    locs = repo.index.locations(h)
-    assert locs, f"chunk {h} is not in the index"
+    locs = [loc for loc in repo.index.locations(h) if repo.store.exists(pack_key(loc[0]))]
+    assert locs, f"chunk {h} is not in any pack that exists"
     return locs[0]
 
 

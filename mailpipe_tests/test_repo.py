@@ -381,3 +381,37 @@ def test_checkpoint_compaction_keeps_every_row(repo_and_tenant):
     assert len(repo.list_checkpoints(USER)) == 1
     got = sorted(r["item_id"] for b in repo.iter_checkpoint_rows(USER) for r in b.to_pylist())
     assert got == sorted(f"p{p}-{i}" for p in range(5) for i in range(3))
+
+
+def test_checkpoints_carry_unpacked_blobs_and_compaction_reads_its_own_parts_locally(tmp_path, monkeypatch):
+    """A checkpoint names chunks still in the open pack by carrying their blobs: a new process reading the
+    parts gets the content back without any pack; compaction merges the parts this process wrote from its
+    local copies (no download) into one part without blobs."""
+    t = tenant(str(tmp_path / "repo"))
+    repo = open_repository(t)
+    work = tmp_path / "work"
+    work.mkdir()
+    rng = random.Random(9)
+    datas = [message(i, rng.randbytes(3000)) for i in range(6)]
+    rows = []
+    for i, d in enumerate(datas):
+        st = repo.put_content(d)
+        rows.append({"item_id": f"id{i}", "change_key": "ck", "is_draft": False, "sha256": st.sha256,
+                     "chunks": st.chunks, "size": st.size})
+    repo.write_checkpoint(USER, rows[:3], tmp_dir=str(work))
+    repo.write_checkpoint(USER, rows[3:], tmp_dir=str(work))
+    assert list(repo.store.list("packs")) == []  # nothing uploaded as a pack yet: the parts carry the blobs
+    other = open_repository(t)  # a restarted backup
+    got = [r["item_id"] for b in other.iter_checkpoint_rows(USER) for r in b.to_pylist()]
+    assert sorted(got) == [f"id{i}" for i in range(6)]
+    other.flush()
+    for r, d in zip(rows, datas):
+        assert other.read_content(r["sha256"], r["chunks"], r["size"]) == d
+    downloads = []
+    original = type(repo.store).get_file
+    monkeypatch.setattr(type(repo.store), "get_file", lambda self, k, p: downloads.append(k) or original(self, k, p))
+    assert repo.compact_checkpoints(USER, tmp_dir=str(work)) == 2 and downloads == []
+    [part] = repo.list_checkpoints(USER)
+    merged = [b for b in repo._iter_parquet(part, 100, None)]
+    assert sum(b.num_rows for b in merged) == 6 and all(
+        v is None for b in merged for v in b.column("blobs").to_pylist())

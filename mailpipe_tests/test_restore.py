@@ -281,7 +281,7 @@ def test_a_restore_that_hits_the_upload_budget_finishes_paced(sim_factory, tmp_p
     assert res.ok and res.restored == ra.items_total and not res.failed, res.summary()
     assert res.upload_wait_seconds > 0 and res.bytes_uploaded > 3_000_000
     throttled = sim.stats()["upload_throttled"].get(b, 0)
-    assert throttled <= 2  # paced by its own budget, not by 429s
+    assert throttled == 0  # paced by its own budget, not by 429s (without it: one 429 per full window)
     [rb] = backup(t, [b])
     assert_restored_equal(open_repository(t), ra.user_id, rb.user_id, (res.target_root,))
 

@@ -47,7 +47,7 @@ class UploadBudget:
         self.max_bytes = max_bytes
         self.window_seconds = window_seconds
         self._clock = clock
-        self._sent: deque[tuple[float, int]] = deque()
+        self._sent: deque[list[float]] = deque()  # [when, bytes]: when it was sent, then when it was answered
         self._total = 0
         self.waited = 0.0  # seconds spent waiting for the budget (shown as throttled waits)
         self._lock = asyncio.Lock()
@@ -56,15 +56,17 @@ class UploadBudget:
         while self._sent and self._sent[0][0] <= now - self.window_seconds:
             self._total -= self._sent.popleft()[1]
 
-    async def acquire(self, n: int) -> None:
+    async def acquire(self, n: int) -> list[float]:
+        """Wait until ``n`` more bytes fit; returns the entry to :meth:`settle` once the request is answered."""
         async with self._lock:  # first come, first served: a big body is not starved by small ones
             while True:
                 now = self._clock()
                 self._expire(now)
                 if self._total + n <= self.max_bytes or not self._sent:
-                    self._sent.append((now, n))
+                    entry = [now, float(n)]
+                    self._sent.append(entry)
                     self._total += n
-                    return
+                    return entry
                 # wait until enough of the oldest bytes leave the window
                 need, acc, until = self._total + n - self.max_bytes, 0, now
                 for t, b in self._sent:
@@ -75,6 +77,12 @@ class UploadBudget:
                 wait = max(0.01, until - now)
                 self.waited += wait
                 await asyncio.sleep(wait)
+
+    def settle(self, entry: list[float]) -> None:
+        """The request was answered: its bytes leave the window counting from now. Exchange counts a body
+        when it has received it — after we started sending, before it answered — so counting from the
+        answer never lets our window free bytes before the server's does (a slow transfer included)."""
+        entry[0] = max(entry[0], self._clock())
 
     def seconds_for(self, nbytes: int) -> float:
         """The least time ``nbytes`` of bodies take under this budget (for estimates)."""
@@ -103,9 +111,13 @@ class MailboxWriter:
         async def attempt() -> httpx.Response:
             # charged when it is sent (inside the limiter's slot), and again for every retry: the client's
             # window then runs in step with the server's
-            if data is not None and method in ("POST", "PUT", "PATCH"):
-                await self.budget.acquire(len(data))
-            return await self.t.request(self._adapter, method, f"{self._base}/{path}", what, body=data)
+            if data is None or method not in ("POST", "PUT", "PATCH"):
+                return await self.t.request(self._adapter, method, f"{self._base}/{path}", what, body=data)
+            entry = await self.budget.acquire(len(data))
+            try:
+                return await self.t.request(self._adapter, method, f"{self._base}/{path}", what, body=data)
+            finally:
+                self.budget.settle(entry)
 
         return await self.mb._caller.call(kind, attempt, what, idempotent=idempotent)
 
@@ -226,8 +238,11 @@ class MailboxWriter:
             headers = {"Content-Range": f"bytes {start}-{end - 1}/{len(data)}", "Content-Type": "application/octet-stream"}
 
             async def put(piece: bytes = piece, headers: dict[str, str] = headers) -> httpx.Response:
-                await self.budget.acquire(len(piece))
-                r = await client.put(url, content=piece, headers=headers)
+                entry = await self.budget.acquire(len(piece))
+                try:
+                    r = await client.put(url, content=piece, headers=headers)
+                finally:
+                    self.budget.settle(entry)
                 raise_for_status(r, what, GraphOrigin(url))
                 return r
 

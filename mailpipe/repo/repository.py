@@ -17,6 +17,7 @@ Layout and guarantees are documented in docs/FORMAT.md. In short:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -192,6 +193,7 @@ class Repository:
         self._pack_repairs: set[str] = set()
         self._pack_cv = threading.Condition()  # guards _pack, _pack_repairs, _uploading
         self._uploading = 0
+        self._inflight: list[set[str]] = []  # chunk ids of the packs being uploaded (not yet indexed)
         self._requeued = False  # an upload failed and its blobs went back into the open pack
         self.packs_written = 0
         self.pack_bytes_written = 0
@@ -392,8 +394,8 @@ class Repository:
     # -- packs ----------------------------------------------------------------------------------------------
     def _add_blob(self, h: str, blob: bytes, repair: bool) -> bool:
         with self._pack_cv:
-            if h in self._pack.ids:
-                return False
+            if h in self._pack.ids or any(h in ids for ids in self._inflight):
+                return False  # on its way already (a thread storing the same attachment at the same time)
             self._pack.add(h, blob)
             if repair:
                 self._pack_repairs.add(h)
@@ -408,6 +410,7 @@ class Repository:
         full, repairs = self._pack, self._pack_repairs
         self._pack, self._pack_repairs = OpenPack(), set()
         self._uploading += 1
+        self._inflight.append(full.ids)
         return full, repairs
 
     def _upload(self, pack: OpenPack, repairs: set[str]) -> None:
@@ -431,6 +434,7 @@ class Repository:
                         self._pack.add(h, bytes(pack.buf[off:off + n]))
                 self._pack_repairs |= repairs
                 self._requeued = True
+                self._inflight.remove(pack.ids)
                 self._uploading -= 1
                 self._pack_cv.notify_all()
             raise
@@ -439,6 +443,7 @@ class Repository:
         with self._pack_cv:
             self.packs_written += 1
             self.pack_bytes_written += len(data)
+            self._inflight.remove(pack.ids)
             self._uploading -= 1
             self._pack_cv.notify_all()
 
@@ -502,7 +507,7 @@ class Repository:
         and if a plan appeared since, the known-chunk cache forgets everything (it may hold chunks of packs
         the plan will delete, which this backup must not reuse)."""
         before = self.excluded
-        self.sync_index()
+        self.sync_index()  # also: chunks a killed attempt of this mailbox packed are reused, not fetched again
         if self.excluded - before:
             with self._lock:
                 self._known.clear()
@@ -512,7 +517,7 @@ class Repository:
         if self.index.has(h, self.excluded):
             return True
         with self._pack_cv:
-            return h in self._pack.ids
+            return h in self._pack.ids or any(h in ids for ids in self._inflight)
 
     def prune_plans(self) -> list[dict[str, Any]]:
         """The prune plans waiting for their second pass (``prune/<id>.json``)."""
@@ -863,8 +868,11 @@ class Repository:
         try:
             pq.write_table(pa.Table.from_batches([to_batch(rows, CHECKPOINT)]), tmp, **PARQUET_OPTIONS)
             self._put_local_file(f"{self._ckpt_prefix(user_id)}/{name}", tmp)
+            if tmp_dir:  # a local copy (private work dir): compaction merges it without downloading it again
+                os.replace(tmp, _local_ckpt(tmp_dir, name))
         finally:
-            os.unlink(tmp)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return name
 
     def list_checkpoints(self, user_id: str) -> list[str]:
@@ -928,17 +936,27 @@ class Repository:
         try:
             with pq.ParquetWriter(tmp, CHECKPOINT, **PARQUET_OPTIONS) as w:
                 for key in keys:
+                    local = _local_ckpt(tmp_dir, key.rsplit("/", 1)[-1]) if tmp_dir else ""
                     try:
-                        for batch in self._iter_parquet(key, 500, None, tmp_dir=tmp_dir):
+                        batches = (pq.ParquetFile(local).iter_batches(batch_size=500) if local and os.path.exists(local)
+                                   else self._iter_parquet(key, 500, None, tmp_dir=tmp_dir))
+                        for batch in batches:
                             if "blobs" in batch.schema.names:
                                 batch = batch.drop_columns(["blobs"])
                             w.write_batch(to_batch(batch.to_pylist(), CHECKPOINT))
-                    except IntegrityError:
+                    except (IntegrityError, *PARQUET_ERRORS):
                         continue
             self._put_local_file(f"{self._ckpt_prefix(user_id)}/{name}", tmp)
+            if tmp_dir:
+                os.replace(tmp, _local_ckpt(tmp_dir, name))
         finally:
-            os.unlink(tmp)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         self.store.delete_many(keys)
+        if tmp_dir:
+            for key in keys:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_local_ckpt(tmp_dir, key.rsplit("/", 1)[-1]))
         return len(keys)
 
     def clear_checkpoints(self, user_id: str) -> None:
@@ -1206,6 +1224,11 @@ class Lease:
                 self.repo.store.delete_if_version(self.key, self.version)
             except (PreconditionFailed, StoreError):
                 pass  # not ours any more, or the store is gone: it expires by itself
+
+
+def _local_ckpt(tmp_dir: str, name: str) -> str:
+    """The local copy of checkpoint part ``name`` in a backup's private work dir."""
+    return os.path.join(tmp_dir, "ckpt-" + name)
 
 
 def _file_digest(path: str) -> tuple[int, str]:
