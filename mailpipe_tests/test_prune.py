@@ -87,10 +87,14 @@ def test_prune_frees_exactly_the_unreferenced_chunks_in_two_passes(where, tmp_pa
     assert second.deleted_packs >= 1 and second.freed_bytes > 0 and not second.waiting
     after = set(repo.iter_chunk_names())
     assert after == _chunks_of(repo, {**shared, **newer})  # exactly the referenced ones are left
-    assert repo.prune_plans() == []
+    assert first.plan_id not in {p["id"] for p in repo.prune_plans()}  # carried out, and removed
     _whole(repo)
-    third = prune(repo, **FAST_PRUNE)  # nothing left to free
-    assert third.planned_packs == 0 and third.deleted_packs == 0
+    # with no safety age, the same run may already plan to merge the small packs its copies made: carrying
+    # such plans out never loses a referenced chunk nor keeps an unreferenced one
+    for _ in range(3):
+        prune(repo, **FAST_PRUNE)
+        assert set(repo.iter_chunk_names()) == after
+    _whole(repo)
 
 
 def test_dry_run_writes_nothing(tmp_path, request):
@@ -269,9 +273,13 @@ def test_a_prune_killed_at_any_point_leaves_a_whole_repository(tmp_path, request
         n += 1
     assert n > 3  # it was stopped at every step of a real second pass
     final = open_repository(t)
-    prune(final, **FAST_PRUNE)
-    assert final.prune_plans() == [] or prune(final, **FAST_PRUNE).deleted_packs >= 0
+    for _ in range(3):  # the pass that finished may have planned the small pack its copies made: complete it
+        if not final.prune_plans():
+            break
+        prune(final, **FAST_PRUNE)
+    assert final.prune_plans() == []
     assert set(final.iter_chunk_names()) == _chunks_of(final, shared)
+    _whole(final)
 
 
 def test_erasing_a_mailbox_leaves_no_chunk_only_it_referenced(tmp_path, request):
@@ -328,12 +336,14 @@ def test_packs_under_object_lock_survive_prune_and_deletes(sim_factory, request)
                                                          object_lock=ObjectLockConfig("GOVERNANCE", 30)))
     [r] = backup(t, [upn])
     repo = open_repository(t)
-    packs = list(repo.index.packs()) or (repo.sync_index() or list(repo.index.packs()))
+    repo.sync_index()
+    packs = list(repo.index.packs())
+    assert packs
     with pytest.raises(ObjectLocked):
         repo.store.delete(pack_key(packs[0]))
     with pytest.raises(ObjectLocked):
         repo.delete_snapshot(r.user_id, r.snapshot_id)  # forget cannot remove a locked snapshot either
-    res = prune(repo, **FAST_PRUNE)
+    prune(repo, **FAST_PRUNE)
     res2 = prune(repo, **FAST_PRUNE)
     assert res2.deleted_packs == 0
     assert all(repo.store.exists(pack_key(p)) for p in packs)
@@ -353,7 +363,6 @@ def test_a_version_1_repository_is_refused_clearly_then_migrated_whole(tmp_path,
 
     from mailpipe.repo.migrate import migrate_v1
     from mailpipe.repo.repository import RepositoryError
-    from mailpipe.sim import write_tenants_file  # noqa: F401  (the CLI below reads a tenants file)
 
     t = _tenant("local", tmp_path, request)
     repo = open_repository(t)

@@ -132,7 +132,8 @@ class ChunkIndex:
         self._db.execute("PRAGMA synchronous=OFF")
         self._db.executescript("""
             CREATE TABLE IF NOT EXISTS files(name TEXT PRIMARY KEY);
-            CREATE TABLE IF NOT EXISTS packs(no INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, size INTEGER);
+            CREATE TABLE IF NOT EXISTS packs(no INTEGER PRIMARY KEY, id TEXT UNIQUE NOT NULL, size INTEGER,
+                                             written_at TEXT);
             CREATE TABLE IF NOT EXISTS blobs(chunk BLOB NOT NULL, pack INTEGER NOT NULL, off INTEGER NOT NULL,
                                              len INTEGER NOT NULL, file TEXT NOT NULL);
             CREATE INDEX IF NOT EXISTS blobs_chunk ON blobs(chunk);
@@ -158,7 +159,8 @@ class ChunkIndex:
                     db.execute("COMMIT")
                     return
                 for p in packs:
-                    db.execute("INSERT OR IGNORE INTO packs(id, size) VALUES (?, ?)", (p["id"], p.get("size")))
+                    db.execute("INSERT OR IGNORE INTO packs(id, size, written_at) VALUES (?, ?, ?)",
+                               (p["id"], p.get("size"), p.get("written_at")))
                     no = db.execute("SELECT no FROM packs WHERE id=?", (p["id"],)).fetchone()[0]
                     db.executemany("INSERT INTO blobs VALUES (?, ?, ?, ?, ?)",
                                    ((bytes.fromhex(c), no, o, n, name) for c, o, n in p["blobs"]))
@@ -215,6 +217,12 @@ class ChunkIndex:
         with self._lock:
             return {r[0]: r[1] for r in self._db.execute("SELECT id, size FROM packs")}
 
+    def pack_info(self, pack: str) -> tuple[int | None, str | None] | None:
+        """(size, written_at) of one indexed pack, or None when no index file lists it."""
+        with self._lock:
+            row = self._db.execute("SELECT size, written_at FROM packs WHERE id=?", (pack,)).fetchone()
+        return (row[0], row[1]) if row else None
+
     def pack_blobs(self, pack: str) -> list[tuple[str, int, int]]:
         with self._lock:
             return [(r[0].hex(), r[1], r[2]) for r in self._db.execute(
@@ -231,10 +239,10 @@ class ChunkIndex:
 
 
 def index_cache_path(work_dir: str | None, repo_id: str) -> str | None:
-    """Where the index cache of repository ``repo_id`` lives: ``<work dir>/.index-cache/<id>.sqlite`` (a name
+    """Where the index cache of repository ``repo_id`` lives: ``<work dir>/.index-cache/<id>.v2.sqlite`` (a name
     no mailbox work dir can have: those never start with a dot)."""
     if not work_dir:
         return None
     d = os.path.join(work_dir, ".index-cache")
     os.makedirs(d, mode=0o700, exist_ok=True)
-    return os.path.join(d, f"{repo_id}.sqlite")
+    return os.path.join(d, f"{repo_id}.v2.sqlite")  # v2: packs carry written_at

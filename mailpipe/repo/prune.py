@@ -279,14 +279,10 @@ def _complete_plan(repo: Repository, plan: dict[str, Any], refs: _Refs, res: Pru
 
 def _rewrite_index_without(repo: Repository, doomed: set[str]) -> None:
     """Every index file that lists a doomed pack is replaced by one without it (new file first)."""
-    for key in list(repo.store.list("index")):
-        name = key.rsplit("/", 1)[-1]
+    for name in sorted(repo.index.files_of_packs(doomed)):
         try:
-            raw = repo.store.get_bytes(key)
-            packs = decode_index(raw, repo._unseal)
+            packs = decode_index(repo.store.get_bytes(index_key(name)), repo._unseal)
         except (KeyNotFound, PackFormatError, IntegrityError):
-            continue
-        if not any(p["id"] in doomed for p in packs):
             continue
         keep = [p for p in packs if p["id"] not in doomed]
         if keep:
@@ -346,18 +342,8 @@ def _new_plan(repo: Repository, refs: _Refs, res: PruneResult, now: datetime, sa
 
 
 def _pack_written_at(repo: Repository, pid: str) -> datetime | None:
-    cache = getattr(repo, "_written_at", None)
-    if cache is None:
-        cache = repo._written_at = {}  # type: ignore[attr-defined]
-        for key in repo.store.list("index"):
-            try:
-                for p in decode_index(repo.store.get_bytes(key), repo._unseal):
-                    w = _parse_time(p.get("written_at"))
-                    if w is not None:
-                        cache[p["id"]] = min(w, cache.get(p["id"], w))
-            except (KeyNotFound, PackFormatError, IntegrityError):
-                continue
-    return cache.get(pid)
+    info = repo.index.pack_info(pid)
+    return _parse_time(info[1]) if info and info[1] else None
 
 
 def _extend_lock(repo: Repository, pid: str, now: datetime, lock_cfg: Any) -> int:

@@ -286,7 +286,7 @@ class Repository:
         return key_id
 
     def remove_key(self, key_id: str, passphrase: str) -> None:
-        """Remove a key file; never the last one, and never the one ``passphrase`` opens only if it is the last."""
+        """Remove a key file, unless no other key file would be left that ``passphrase`` opens."""
         keys = [k["id"] for k in self.list_keys()]
         if key_id not in keys:
             raise RepositoryError(f"no key {key_id!r} in {self.store.describe()} (keys: {', '.join(keys) or 'none'})")
@@ -547,23 +547,20 @@ class Repository:
                     if c == h:
                         return self._piece(h, bytes(self._pack.buf[off:off + n]), item)
             raise IntegrityError(f"{item}: chunk {h} is missing from the repository")
-        problem = "missing from the repository"
+        corrupt: IntegrityError | None = None
         for attempt in range(2):
             for pid, off, n in locs:
                 try:
-                    blob = self.store.get_range(pack_key(pid), off, n)
+                    return self._piece(h, self.store.get_range(pack_key(pid), off, n), item)
                 except KeyNotFound:
                     continue
-                try:
-                    return self._piece(h, blob, item)
                 except IntegrityError as e:
-                    problem = str(e).split(f"chunk {h} is ", 1)[-1]
-            if attempt == 0 and problem == "missing from the repository":
-                self.sync_index()  # a prune may have repacked it: look again once
-                locs = self.index.locations(h)
-                continue
-            break
-        raise IntegrityError(f"{item}: chunk {h} is {problem}")
+                    corrupt = e  # another copy may be good
+            if corrupt is not None or attempt:
+                break
+            self.sync_index()  # every pack it was in is gone: a prune may have repacked it, look again once
+            locs = self.index.locations(h)
+        raise corrupt or IntegrityError(f"{item}: chunk {h} is missing from the repository")
 
     def _piece(self, h: str, blob: bytes, item: str) -> bytes:
         try:
@@ -603,7 +600,9 @@ class Repository:
         """Is chunk ``h`` in a pack that exists (looked up again: index synced, the pack asked for)?"""
         if not _HEX64.match(h):
             return False
-        self.sync_index()
+        self.ensure_index()
+        if not self.index.locations(h):
+            self.sync_index()  # stored since the index was read?
         return any(self.store.exists(pack_key(p)) for p, _, _ in self.index.locations(h))
 
     def pack_header_problem(self, pid: str) -> str | None:
@@ -611,7 +610,8 @@ class Repository:
         is whole and agrees, else what is wrong. The header is what the index could be rebuilt from."""
         key = pack_key(pid)
         try:
-            size = dict(self.index.packs()).get(pid)
+            info = self.index.pack_info(pid)
+            size = info[0] if info else None
             if not size:
                 return None
             n = decode_trailer(self.store.get_range(key, size - 8, 8))
