@@ -5,7 +5,8 @@ Prints:
 2. aggregate items/s for 20 mailboxes in one call / (20 x one mailbox) (target >= 0.8), and again with a
    per-mailbox window low enough that 20 mailboxes fit in one process's CPU (isolates the concurrency design);
 3. Graph requests per item of a full backup (target <= 1.05), and the requests of a no-change incremental;
-4. items downloaded again after a SIGKILL at ~50 % / items stored before the kill (target <= 0.02);
+4. items downloaded again after a SIGKILL at ~50 % / items stored before the kill (target <= 0.02), a restart on
+   the same host (4) and on another (4b: no local journal, only the uploaded checkpoints);
 5. peak RSS of the backup process (its VmHWM) for mailboxes of 10k and 100k items (target: flat, < 500 MB).
 
 Run: `.venv/bin/python -m bench.backup_bench [--only 1,2,3,4,5] [--big 100000]`. Takes ~10-20 minutes;
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,30 +122,40 @@ def _tenants_file(work: str, sim, name: str) -> str:
 
 
 def part4(work: str, size: int = 3000) -> dict:
-    print(f"4. SIGKILL at ~50 % of a {size}-item mailbox, then a restart")
-    cfg = SimConfig(users=0, mailbox_sizes={"victim": size}, seed=5, faults=FaultConfig(latency_ms=20, jitter_ms=5))
-    with SimProcess(cfg) as sim:
-        upn = next(u for u in sim.truth()["mailboxes"] if u.startswith("victim"))
-        total = len(sim.truth()["mailboxes"][upn]["items"])
-        env = {**os.environ, "MAILPIPE_TENANTS": _tenants_file(work, sim, "p4")}
-        cmd = [sys.executable, "-m", "mailpipe", "backup", "bench", upn, "--json"]
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while sum(sim.stats()["mime_downloads"].get(upn, {}).values()) < total / 2:
-            time.sleep(0.05)
-            if p.poll() is not None:
-                raise SystemExit("the backup ended before the kill")
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait()
-        before = Counter(sim.stats()["mime_downloads"][upn])
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        res = json.loads(out.stdout.strip().splitlines()[-1])
-        after = Counter(sim.stats()["mime_downloads"][upn])
-        again = sum(1 for k, v in after.items() if v > 1)
-        line("items stored before the kill (distinct downloads)", f"{len(before)} of {total}")
-        line("items downloaded again by the restart", f"{again}")
-        line("4. re-downloaded / stored before the kill (target <= 0.02)", f"{again / len(before):.4f}")
-        line("   restart: items reused from checkpoints", f"{res['items_reused']}")
-    return {"ratio4": again / len(before)}
+    out = {}
+    for same_host in (True, False):
+        where = "on the same host (it finds the local journal)" if same_host else "on another host (no work dir)"
+        print(f"4{'' if same_host else 'b'}. SIGKILL at ~50 % of a {size}-item mailbox, then a restart {where}")
+        cfg = SimConfig(users=0, mailbox_sizes={"victim": size}, seed=5, faults=FaultConfig(latency_ms=20, jitter_ms=5))
+        with SimProcess(cfg) as sim:
+            upn = next(u for u in sim.truth()["mailboxes"] if u.startswith("victim"))
+            total = len(sim.truth()["mailboxes"][upn]["items"])
+            run = f"p4-{'same' if same_host else 'other'}"
+            state = os.path.join(work, f"{run}-state")
+            env = {**os.environ, "MAILPIPE_TENANTS": _tenants_file(work, sim, run), "MAILPIPE_WORK_DIR": state}
+            cmd = [sys.executable, "-m", "mailpipe", "backup", "bench", upn, "--json"]
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            while sum(sim.stats()["mime_downloads"].get(upn, {}).values()) < total / 2:
+                time.sleep(0.05)
+                if p.poll() is not None:
+                    raise SystemExit("the backup ended before the kill")
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+            before = Counter(sim.stats()["mime_downloads"][upn])
+            if not same_host:
+                shutil.rmtree(state)
+            out_ = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            res = json.loads(out_.stdout.strip().splitlines()[-1])
+            after = Counter(sim.stats()["mime_downloads"][upn])
+            again = sum(1 for k, v in after.items() if v > 1)
+            key = "ratio4" if same_host else "ratio4b"
+            line("items stored before the kill (distinct downloads)", f"{len(before)} of {total}")
+            line("items downloaded again by the restart", f"{again}")
+            line(f"{key[5:]}. re-downloaded / stored before the kill" + (" (target <= 0.02)" if same_host else ""),
+                 f"{again / len(before):.4f}")
+            line("   restart: items reused from checkpoints", f"{res['items_reused']}")
+            out[key] = again / len(before)
+    return out
 
 
 def peak_rss_of_backup(work: str, items: int) -> tuple[float, float]:

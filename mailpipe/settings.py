@@ -57,6 +57,11 @@ TABLE: tuple[Setting, ...] = tuple(Setting(*row) for row in (
      "a checkpoint of stored items at least this often, seconds"),
     ("checkpoint_items", "MAILPIPE_CHECKPOINT_ITEMS", 1,
      "a checkpoint at least every this many stored items"),
+    ("journal_items", "MAILPIPE_JOURNAL_ITEMS", 0,
+     "between checkpoints, stored items also go to a local journal in the work dir at least every this many "
+     "(0: no journal); a restart on the same host then downloads again at most these + the downloads in flight"),
+    ("journal_seconds", "MAILPIPE_JOURNAL_SECONDS", 0,
+     "a journal part at least this often, seconds"),
     ("mailbox_deadline", "MAILPIPE_MAILBOX_DEADLINE", 1,
      "a mailbox backup that runs longer fails (its checkpoints are kept), seconds"),
     ("item_retry_delay", "MAILPIPE_ITEM_RETRY_DELAY", 0,
@@ -120,6 +125,8 @@ class Settings:
     graph_slow_body_grace: float = 30.0
     checkpoint_seconds: float = 2.0
     checkpoint_items: int = 30
+    journal_items: int = 5
+    journal_seconds: float = 0.5
     mailbox_deadline: float = 6 * 3600.0
     item_retry_delay: float = 2.0
     verify_min_chunks: int = 2000

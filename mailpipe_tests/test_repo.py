@@ -415,3 +415,34 @@ def test_checkpoints_carry_unpacked_blobs_and_compaction_reads_its_own_parts_loc
     merged = [b for b in repo._iter_parquet(part, 100, None)]
     assert sum(b.num_rows for b in merged) == 6 and all(
         v is None for b in merged for v in b.column("blobs").to_pylist())
+
+
+def test_the_local_journal_of_a_killed_backup_becomes_checkpoint_parts_and_a_torn_part_is_skipped(tmp_path):
+    """Journal parts stay in the work dir (no upload); the next holder of the mailbox uploads the whole ones
+    as checkpoint parts (with the blobs of chunks that were still in the open pack) and skips a torn one; an
+    uploaded checkpoint part makes the journal parts before it redundant."""
+    t = tenant(str(tmp_path / "repo"))
+    repo = open_repository(t)
+    work = tmp_path / "work"
+    work.mkdir()
+    rng = random.Random(11)
+    datas = [message(i, rng.randbytes(3000)) for i in range(6)]
+    rows = []
+    for i, d in enumerate(datas):
+        st = repo.put_content(d)
+        rows.append({"item_id": f"id{i}", "change_key": "ck", "is_draft": False, "sha256": st.sha256,
+                     "chunks": st.chunks, "size": st.size})
+    names = [repo.write_journal(rows[i:i + 2], tmp_dir=str(work)) for i in range(0, 6, 2)]
+    assert repo.list_checkpoints(USER) == [] and list(repo.store.list("packs")) == []  # nothing uploaded
+    torn = work / names[1]
+    torn.write_bytes(torn.read_bytes()[:-40])  # killed in the middle of a write (or the disk lied)
+    other = open_repository(t)  # the process that killed backup died; a new one holds the lease
+    assert other.upload_journal(USER, str(work)) == 4
+    got = sorted(r["item_id"] for b in other.iter_checkpoint_rows(USER) for r in b.to_pylist())
+    assert got == ["id0", "id1", "id4", "id5"]
+    other.flush()
+    for i in (0, 1, 4, 5):
+        assert other.read_content(rows[i]["sha256"], rows[i]["chunks"], rows[i]["size"]) == datas[i]
+    assert open_repository(t).upload_journal(USER, str(tmp_path / "no-such-dir")) == 0
+    repo.drop_journal(str(work))
+    assert [n for n in os.listdir(work) if n.startswith("journal-")] == []

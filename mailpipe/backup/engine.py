@@ -165,8 +165,11 @@ class MailboxBackup:
         self.fetch_workers = fetch_workers or tenant.limits.concurrent_requests_per_mailbox + 2
         self.result = MailboxResult(upn=self.upn)
         self._queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=256)
-        self._ckpt_rows: list[dict[str, Any]] = []
+        self._ckpt_rows: list[dict[str, Any]] = []     # stored items since the last uploaded checkpoint part
         self._ckpt_at = time.monotonic()
+        self._journal_rows: list[dict[str, Any]] = []  # … since the last part of the local journal
+        self._journal_at = time.monotonic()
+        self._ckpt_lock = asyncio.Lock()  # one checkpoint or journal part at a time, in the order asked
         self._progress_at = time.monotonic()
         self._fatal: BaseException | None = None
         self._listings = 0
@@ -295,7 +298,11 @@ class MailboxBackup:
 
         user_id = self.result.user_id
         self.work = os.path.join(self.tenant_work, mailbox_dir(user_id))
-        shutil.rmtree(self.work, ignore_errors=True)  # a dead backup's state (we hold the lease)
+        # a dead backup's state (we hold the lease): its journal becomes checkpoint parts, the rest goes
+        journaled = await self._io(lambda: self.repo.upload_journal(user_id, self.work))
+        if journaled:
+            log.info("%s: %d items from the local journal of an interrupted backup", self.upn, journaled)
+        shutil.rmtree(self.work, ignore_errors=True)
         private_dir(self.work)
         cleaned = await self._io(lambda: self.repo.clean_mailbox(
             user_id, older_than=max(3600.0, 2 * self.s.lease_seconds)))
@@ -619,6 +626,7 @@ class MailboxBackup:
         row = state.stored(item_id, Content(stored.sha256, list(stored.chunks), stored.size))
         if row is not None:
             self._ckpt_rows.append(row)
+            self._journal_rows.append(row)
         await self._flush_checkpoint()
         self._report()
 
@@ -684,15 +692,33 @@ class MailboxBackup:
             await asyncio.gather(*list(self._side), return_exceptions=True)
 
     async def _flush_checkpoint(self, force: bool = False) -> None:
+        """An uploaded checkpoint part every ``checkpoint_items`` / ``checkpoint_seconds`` (one request each;
+        what survives any restart), and between them a part of the local journal every ``journal_items`` /
+        ``journal_seconds`` (a file in the work dir: what a restart on this host also finds)."""
         now = time.monotonic()
         if not self._ckpt_rows:
             return
+        user_id, work = self.result.user_id, self.work
         if not force and len(self._ckpt_rows) < self.s.checkpoint_items and now - self._ckpt_at < self.s.checkpoint_seconds:
+            s = self.s
+            if not (s.journal_items and self._journal_rows and work is not None
+                    and (len(self._journal_rows) >= s.journal_items or now - self._journal_at >= s.journal_seconds)):
+                return
+            rows, self._journal_rows = self._journal_rows, []
+            self._journal_at = now
+            async with self._ckpt_lock:
+                await self._io(lambda: self.repo.write_journal(rows, tmp_dir=work))
             return
-        rows, self._ckpt_rows = self._ckpt_rows, []
-        self._ckpt_at = now
-        user_id = self.result.user_id
-        await self._io(lambda: self.repo.write_checkpoint(user_id, rows, tmp_dir=self.work))
+        rows, self._ckpt_rows, self._journal_rows = self._ckpt_rows, [], []
+        self._ckpt_at = self._journal_at = now
+
+        def upload() -> None:
+            self.repo.write_checkpoint(user_id, rows, tmp_dir=work)
+            if work is not None:  # the journal parts written so far list only rows of this part
+                self.repo.drop_journal(work)
+
+        async with self._ckpt_lock:
+            await self._io(upload)
         self._ckpt_parts += 1
         if self._ckpt_parts % CHECKPOINT_COMPACT_PARTS == 0:
             async with self._compacting:

@@ -93,6 +93,7 @@ class LeaseBusy(UserError):
 
 # What a Parquet reader raises for a damaged file (pyarrow's ArrowException is an OSError or ValueError)
 PARQUET_ERRORS = (OSError, ValueError, TypeError, KeyError, IndexError)
+JOURNAL_PREFIX = "journal-"  # local checkpoint parts in a backup's work dir (Repository.write_journal)
 
 
 @dataclass(frozen=True)
@@ -881,22 +882,71 @@ class Repository:
     def _with_pending_blobs(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``rows`` with, for each, the blobs of its chunks still in the open pack (uploads in flight are
         waited for first: a chunk is then either in an uploaded pack or in the open one)."""
+        wanted = {h for r in rows for h in r["chunks"]}
         with self._pack_cv:
             while self._uploading:
                 self._pack_cv.wait()
-            where = {c: (off, n) for c, off, n in self._pack.entries}
-            buf = bytes(self._pack.buf) if where else b""
+            # copies of the wanted blobs only (the open pack holds up to 8 MiB)
+            data = {c: bytes(self._pack.buf[off:off + n]) for c, off, n in self._pack.entries if c in wanted}
         seen: set[str] = set()
         out = []
         for r in rows:
             blobs = []
             for h in r["chunks"]:
-                if h in where and h not in seen:
+                if h in data and h not in seen:
                     seen.add(h)
-                    off, n = where[h]
-                    blobs.append({"chunk": h, "data": buf[off:off + n]})
+                    blobs.append({"chunk": h, "data": data[h]})
             out.append({**r, "blobs": blobs or None})
         return out
+
+    # -- the local journal: checkpoint parts between two uploaded ones, in the backup's work dir ------------
+    def write_journal(self, rows: list[dict[str, Any]], *, tmp_dir: str) -> str:
+        """A checkpoint part written only to the backup's private work dir (atomic: whole or absent): cheap
+        enough to write every few items, so a restart on the same host loses only the last few. Uploaded
+        by the next backup of the mailbox (:meth:`upload_journal`) or dropped once an uploaded part covers
+        it (:meth:`drop_journal`)."""
+        rows = self._with_pending_blobs(rows)
+        name = f"{JOURNAL_PREFIX}{new_snapshot_id()}{secrets.token_hex(2)}.arrow"
+        tmp = os.path.join(tmp_dir, ".tmp-" + name)
+        with pa.OSFile(tmp, "wb") as f, pa.ipc.new_file(f, CHECKPOINT) as w:  # Arrow IPC: ~5× cheaper than Parquet
+            w.write_batch(to_batch(rows, CHECKPOINT))
+        os.replace(tmp, os.path.join(tmp_dir, name))
+        return name
+
+    @staticmethod
+    def _journal_parts(tmp_dir: str) -> list[str]:
+        try:
+            names = os.listdir(tmp_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.startswith(JOURNAL_PREFIX) and n.endswith(".arrow"))
+
+    def drop_journal(self, tmp_dir: str) -> None:
+        for name in self._journal_parts(tmp_dir):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(tmp_dir, name))
+
+    def upload_journal(self, user_id: str, tmp_dir: str) -> int:
+        """Upload, as checkpoint parts, the journal a killed backup of this mailbox left in ``tmp_dir``
+        (call it holding the mailbox's lease, before the directory is cleaned); a part that does not
+        read whole is skipped (it only saves downloads). Returns the rows uploaded."""
+        n = 0
+        for name in self._journal_parts(tmp_dir):
+            tmp = self._local_tmp(tmp_dir, ".parquet")
+            try:
+                with pa.memory_map(os.path.join(tmp_dir, name)) as f:
+                    table = pa.ipc.open_file(f).read_all()
+                table.validate(full=True)
+                pq.write_table(table, tmp, **PARQUET_OPTIONS)
+            except (*PARQUET_ERRORS, pa.ArrowException):
+                os.unlink(tmp)
+                continue
+            try:
+                self._put_local_file(f"{self._ckpt_prefix(user_id)}/{name[len(JOURNAL_PREFIX):-6]}.parquet", tmp)
+            finally:
+                os.unlink(tmp)
+            n += table.num_rows
+        return n
 
     def iter_checkpoint_rows(self, user_id: str, *, tmp_dir: str | None = None) -> Iterator[pa.RecordBatch]:
         """Rows of every checkpoint part (without their blobs); a damaged part is skipped (it only saves
