@@ -108,16 +108,24 @@ class OpenPack:
     """Blobs waiting to be uploaded as one pack."""
     buf: bytearray = field(default_factory=bytearray)
     entries: list[tuple[str, int, int]] = field(default_factory=list)
-    ids: set[str] = field(default_factory=set)
+    ids: dict[str, tuple[int, int]] = field(default_factory=dict)  # chunk → (offset, length) in buf
 
     def add(self, chunk: str, blob: bytes) -> None:
         self.entries.append((chunk, len(self.buf), len(blob)))
-        self.ids.add(chunk)
+        self.ids[chunk] = (len(self.buf), len(blob))
         self.buf += blob
 
+    def blob(self, chunk: str) -> bytes | None:
+        where = self.ids.get(chunk)
+        return None if where is None else bytes(self.buf[where[0]:where[0] + where[1]])
+
     def finish(self, seal: Callable[[bytes, str], bytes]) -> bytes:
+        """The pack's bytes (the buffer is consumed: one copy of up to 8 MiB, not two)."""
         header = encode_header(self.entries, seal)
-        return bytes(self.buf) + header + struct.pack("<I", len(header)) + PACK_MAGIC
+        self.buf += header + struct.pack("<I", len(header)) + PACK_MAGIC
+        data = bytes(self.buf)
+        self.buf = bytearray()
+        return data
 
 
 class ChunkIndex:
@@ -189,6 +197,10 @@ class ChunkIndex:
                 "ORDER BY b.rowid DESC", (bytes.fromhex(chunk),))]
 
     def has(self, chunk: str, excluded: frozenset[str] = frozenset()) -> bool:
+        if not excluded:  # the common case: one index probe, no join, no sort
+            with self._lock:
+                return self._db.execute("SELECT 1 FROM blobs WHERE chunk=? LIMIT 1",
+                                        (bytes.fromhex(chunk),)).fetchone() is not None
         locs = self.locations(chunk)
         return any(p not in excluded for p, _, _ in locs)
 

@@ -417,6 +417,7 @@ class Repository:
         """Upload a pack, then its index file (the chunks exist for readers from then on). On failure the
         blobs go back into the open pack, so that a later flush stores them: no chunk is ever lost between a
         pack and its index."""
+        data: bytes | None = None
         try:
             data = pack.finish(self._seal)
             pid = secrets.token_hex(32)  # random: a pack written again with the same chunks gets a new name
@@ -428,10 +429,11 @@ class Repository:
             self.store.put_bytes(index_key(iid), raw)
             self.index.add_file(iid, decode_index(raw, self._unseal))
         except BaseException:
+            src = data if data is not None else pack.buf  # finish() moved the blobs into data
             with self._pack_cv:
                 for (h, off, n) in pack.entries:
                     if h not in self._pack.ids:
-                        self._pack.add(h, bytes(pack.buf[off:off + n]))
+                        self._pack.add(h, bytes(src[off:off + n]))
                 self._pack_repairs |= repairs
                 self._requeued = True
                 self._inflight.remove(pack.ids)
@@ -543,9 +545,9 @@ class Repository:
             locs = self.index.locations(h)
         if not locs:
             with self._pack_cv:
-                for c, off, n in self._pack.entries:
-                    if c == h:
-                        return self._piece(h, bytes(self._pack.buf[off:off + n]), item)
+                blob = self._pack.blob(h)
+            if blob is not None:
+                return self._piece(h, blob, item)
             raise IntegrityError(f"{item}: chunk {h} is missing from the repository")
         corrupt: IntegrityError | None = None
         for attempt in range(2):
@@ -866,7 +868,7 @@ class Repository:
         name = new_snapshot_id() + secrets.token_hex(2) + ".parquet"
         tmp = self._local_tmp(tmp_dir, ".parquet")
         try:
-            pq.write_table(pa.Table.from_batches([to_batch(rows, CHECKPOINT)]), tmp, **PARQUET_OPTIONS)
+            pq.write_table(pa.Table.from_batches([to_batch(rows, CHECKPOINT)]), tmp, **CHECKPOINT_PARQUET_OPTIONS)
             self._put_local_file(f"{self._ckpt_prefix(user_id)}/{name}", tmp)
             if tmp_dir:  # a local copy (private work dir): compaction merges it without downloading it again
                 os.replace(tmp, _local_ckpt(tmp_dir, name))
@@ -881,21 +883,19 @@ class Repository:
     def _with_pending_blobs(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``rows`` with, for each, the blobs of its chunks still in the open pack (uploads in flight are
         waited for first: a chunk is then either in an uploaded pack or in the open one)."""
+        seen: set[str] = set()
+        out = []
         with self._pack_cv:
             while self._uploading:
                 self._pack_cv.wait()
-            where = {c: (off, n) for c, off, n in self._pack.entries}
-            buf = bytes(self._pack.buf) if where else b""
-        seen: set[str] = set()
-        out = []
-        for r in rows:
-            blobs = []
-            for h in r["chunks"]:
-                if h in where and h not in seen:
-                    seen.add(h)
-                    off, n = where[h]
-                    blobs.append({"chunk": h, "data": buf[off:off + n]})
-            out.append({**r, "blobs": blobs or None})
+            pack = self._pack  # only the blobs these rows need are copied, not the whole open pack
+            for r in rows:
+                blobs = []
+                for h in r["chunks"]:
+                    if h in pack.ids and h not in seen:
+                        seen.add(h)
+                        blobs.append({"chunk": h, "data": pack.blob(h)})
+                out.append({**r, "blobs": blobs or None})
         return out
 
     def iter_checkpoint_rows(self, user_id: str, *, tmp_dir: str | None = None) -> Iterator[pa.RecordBatch]:
@@ -934,7 +934,7 @@ class Repository:
         name = new_snapshot_id() + secrets.token_hex(2) + ".parquet"
         tmp = self._local_tmp(tmp_dir, ".parquet")
         try:
-            with pq.ParquetWriter(tmp, CHECKPOINT, **PARQUET_OPTIONS) as w:
+            with pq.ParquetWriter(tmp, CHECKPOINT, **CHECKPOINT_PARQUET_OPTIONS) as w:
                 for key in keys:
                     local = _local_ckpt(tmp_dir, key.rsplit("/", 1)[-1]) if tmp_dir else ""
                     try:
@@ -1249,6 +1249,14 @@ def _short_error(e: BaseException) -> str:
 # Parquet files are written with page checksums (CRC32 per page), which readers verify: a flipped byte
 # that still decompresses is found too, page by page.
 PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "write_page_checksum": True}
+# checkpoint parts: the blobs they carry are zstd frames already (and sealed when encrypted): compressing
+# them again, or building a dictionary of them, costs CPU and saves nothing (~6 → ~3 ms for 30 items of
+# 100 KB). The other columns as everywhere.
+_CKPT_COLUMNS = ["item_id", "change_key", "is_draft", "sha256", "chunks.list.element", "size",
+                 "blobs.list.element.chunk"]
+CHECKPOINT_PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": {**{c: "zstd" for c in _CKPT_COLUMNS}, "blobs.list.element.data": "none"},
+    "use_dictionary": _CKPT_COLUMNS, "write_page_checksum": True}
 
 
 class SnapshotWriter:
