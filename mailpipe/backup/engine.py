@@ -56,6 +56,7 @@ WIND_DOWN_SECONDS = 15.0     # a failing backup waits this long for downloads in
 CONFIRMATIONS = 16           # 404s being confirmed at once, per mailbox
 STORE_BATCH_ITEMS = 64       # downloaded items handed to the store pool at once, per mailbox
 STORE_PENDING_BYTES = 8 << 20  # downloads wait while this much downloaded content waits for the store
+STORE_LINGER = 0.05          # seconds a batch may wait to fill up (a batch of 1–2 items saves little)
 
 
 async def discover(tenant: TenantConfig, settings: Settings | None = None) -> Discovery:
@@ -184,7 +185,9 @@ class MailboxBackup:
         self._store_pending_bytes = 0
         self._store_room = asyncio.Event()  # set when a download may add to _store_pending
         self._store_room.set()
+        self._store_full = asyncio.Event()  # set when the pending batch is full
         self._store_task: asyncio.Task[None] | None = None
+        self._finishing = False
         self.bytes_fetched = 0
         self.bytes_stored_new = 0
 
@@ -643,6 +646,8 @@ class MailboxBackup:
             await self._store_room.wait()
         self._store_pending.append((item_id, data))
         self._store_pending_bytes += len(data)
+        if len(self._store_pending) >= STORE_BATCH_ITEMS or self._store_pending_bytes >= STORE_PENDING_BYTES:
+            self._store_full.set()
         if self._store_task is None or self._store_task.done():
             self._store_task = asyncio.ensure_future(self._store_loop(state))
 
@@ -650,9 +655,18 @@ class MailboxBackup:
         try:
             # also after another failure: what was downloaded is stored, so the next attempt reuses it
             while self._store_pending:
+                if not self._store_full.is_set() and not self._finishing:
+                    try:  # let the batch fill up a little: one thread hop for many items
+                        async with asyncio.timeout(STORE_LINGER):
+                            await self._store_full.wait()
+                    except TimeoutError:
+                        pass
+                self._store_full.clear()
                 batch = self._store_pending[:STORE_BATCH_ITEMS]
                 del self._store_pending[:STORE_BATCH_ITEMS]
                 self._store_pending_bytes -= sum(len(d) for _, d in batch)
+                if len(self._store_pending) >= STORE_BATCH_ITEMS or self._store_pending_bytes >= STORE_PENDING_BYTES:
+                    self._store_full.set()
                 self._store_room.set()
                 put = self.repo.put_content
                 results = await self._io(lambda batch=batch: [put(d) for _, d in batch])
@@ -675,6 +689,8 @@ class MailboxBackup:
 
     async def _store_settled(self, timeout: float | None = None) -> None:
         """Wait until everything downloaded so far is stored (or the store failed)."""
+        self._finishing = True  # no lingering: nothing else is coming
+        self._store_full.set()
         async with asyncio.timeout(timeout):
             while self._store_task is not None and not self._store_task.done():
                 await asyncio.wait([self._store_task])
