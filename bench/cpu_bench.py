@@ -5,14 +5,17 @@ Prints:
    for plain messages and for the simulator's attachment mix, into a local repository and into S3 (moto's
    server in its own process, so its CPU is not counted). The simulator runs in its own process with no
    latency and no request window (the backup runs as fast as its CPU allows). One warm-up mailbox first
-   (imports, the first model deserialisation); then three mailboxes, one after the other, each measured
-   alone: the median and the spread of the three are printed (other load on the machine makes single
+   (imports, the first model deserialisation); then three mailboxes, one after the other, each a whole
+   full backup (resolve, folders, deltas, downloads, checkpoints, commit: per-mailbox costs included)
+   measured alone: the median and the three runs are printed (other load on the machine makes single
    figures noisy). Targets: ≤ 1.0 ms per plain item locally, ≤ 1.5 ms on S3.
 2. bench part 2a (``bench.backup_bench``): 20 mailboxes in one call ÷ (20 × one), 30 requests/s per
    mailbox (target ≥ 0.8).
 
-Run: `.venv/bin/python -m bench.cpu_bench [--only 1,2] [--items 1500] [--profile DIR]`. ``--profile`` writes
-a cProfile of each measured backup there (``python -m pstats`` or snakeviz to read it).
+Run: `.venv/bin/python -m bench.cpu_bench [--only 1,2] [--items 1500] [--kinds plain,attach] [--where local,s3]
+[--profile DIR]` (~3 minutes for part 1, ~1 for part 2). ``--profile`` writes a cProfile of each measured
+backup there, event-loop thread only, in CPU time (``python -m pstats`` to read it; the store pool's threads
+are not in it: `py-spy record --threads` sees them); profiling inflates the figures it prints.
 """
 
 from __future__ import annotations
