@@ -292,3 +292,32 @@ def test_graph_origin_is_what_the_lean_path_checks():
 
     asyncio.run(go())
     assert cred.calls == 0  # refused before a token was even asked for
+
+
+def test_graph_origin_fast_path_answers_like_the_full_parse():
+    """GraphOrigin.allows skips urlsplit for URLs spelled like graph_url (every $value URL): random URLs made
+    of the pieces that matter must get the same answer as the parsing rule."""
+    import random
+    from urllib.parse import urlsplit
+
+    def parsed(o, url):
+        try:
+            u = urlsplit(url)
+            port = u.port or {"http": 80, "https": 443}.get(u.scheme)
+        except ValueError:
+            return False
+        path = u.path if u.path.endswith("/") else u.path + "/"
+        return (u.scheme == o.scheme and (u.hostname or "").lower() == o.host and port == o.port
+                and path.startswith(o.prefix) and "/../" not in path and "\\" not in u.path)
+
+    rnd = random.Random(3)
+    pieces = ["/", ".", "..", "a", "?", "#", "\\", "\t", "\n", "%2e", "v1.0", "@", ":", "x=1", "/../", "//"]
+    for base in ("http://127.0.0.1:8080/v1.0", "https://graph.microsoft.com/v1.0", "http://[::1]:9/v1.0",
+                 "https://Graph.Example.com:443/beta"):
+        o = GraphOrigin(base)
+        for _ in range(5000):
+            url = o._canonical + "".join(rnd.choice(pieces) for _ in range(rnd.randrange(0, 8)))
+            assert o.allows(url) == parsed(o, url), (base, url)
+    o = GraphOrigin("http://127.0.0.1:8080/v1.0")
+    assert not o.allows("http://127.0.0.1:8080/v1.0/users/../../x") and not o.allows("http://127.0.0.1:8080/v1.0/a\\b")
+    assert o.allows("http://127.0.0.1:8080/v1.0/users/u/messages/m/$value")

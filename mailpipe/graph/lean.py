@@ -145,6 +145,13 @@ class LeanSession:
         received = 0
         content = resp.content
         while True:
+            chunk = content.read_nowait(-1)  # what has arrived already: no wait, no timer
+            if chunk:
+                parts.append(chunk)
+                received += len(chunk)
+                continue
+            if content.at_eof():
+                break
             budget = started + t.slow_body_grace + received / t.min_transfer_rate - time.monotonic()
             try:
                 async with asyncio.timeout(max(budget, 0.001)):
