@@ -105,27 +105,27 @@ def decode_index(data: bytes, open_: Callable[[bytes, str], bytes]) -> list[dict
 
 @dataclass
 class OpenPack:
-    """Blobs waiting to be uploaded as one pack."""
-    buf: bytearray = field(default_factory=bytearray)
+    """Blobs waiting to be uploaded as one pack. The blobs are kept as they are (a list, no growing buffer to
+    copy into): a checkpoint takes one by reference, and :meth:`finish` joins them once."""
+    blobs: list[bytes] = field(default_factory=list)
     entries: list[tuple[str, int, int]] = field(default_factory=list)
-    ids: dict[str, tuple[int, int]] = field(default_factory=dict)  # chunk → (offset, length) in buf
+    ids: dict[str, int] = field(default_factory=dict)  # chunk → its index in blobs/entries
+    size: int = 0
 
     def add(self, chunk: str, blob: bytes) -> None:
-        self.entries.append((chunk, len(self.buf), len(blob)))
-        self.ids[chunk] = (len(self.buf), len(blob))
-        self.buf += blob
+        self.ids[chunk] = len(self.blobs)
+        self.entries.append((chunk, self.size, len(blob)))
+        self.blobs.append(blob)
+        self.size += len(blob)
 
     def blob(self, chunk: str) -> bytes | None:
-        where = self.ids.get(chunk)
-        return None if where is None else bytes(self.buf[where[0]:where[0] + where[1]])
+        i = self.ids.get(chunk)
+        return None if i is None else self.blobs[i]
 
     def finish(self, seal: Callable[[bytes, str], bytes]) -> bytes:
-        """The pack's bytes (the buffer is consumed: one copy of up to 8 MiB, not two)."""
+        """The pack's bytes: blobs, header, trailer (one copy)."""
         header = encode_header(self.entries, seal)
-        self.buf += header + struct.pack("<I", len(header)) + PACK_MAGIC
-        data = bytes(self.buf)
-        self.buf = bytearray()
-        return data
+        return b"".join([*self.blobs, header, struct.pack("<I", len(header)), PACK_MAGIC])
 
 
 class ChunkIndex:

@@ -399,7 +399,7 @@ class Repository:
             self._pack.add(h, blob)
             if repair:
                 self._pack_repairs.add(h)
-            if len(self._pack.buf) < PACK_TARGET:
+            if self._pack.size < PACK_TARGET:
                 return True
             full, repairs = self._take_pack()
         self._upload(full, repairs)
@@ -417,7 +417,6 @@ class Repository:
         """Upload a pack, then its index file (the chunks exist for readers from then on). On failure the
         blobs go back into the open pack, so that a later flush stores them: no chunk is ever lost between a
         pack and its index."""
-        data: bytes | None = None
         try:
             data = pack.finish(self._seal)
             pid = secrets.token_hex(32)  # random: a pack written again with the same chunks gets a new name
@@ -429,11 +428,10 @@ class Repository:
             self.store.put_bytes(index_key(iid), raw)
             self.index.add_file(iid, decode_index(raw, self._unseal))
         except BaseException:
-            src = data if data is not None else pack.buf  # finish() moved the blobs into data
             with self._pack_cv:
-                for (h, off, n) in pack.entries:
+                for (h, _, _), blob in zip(pack.entries, pack.blobs):
                     if h not in self._pack.ids:
-                        self._pack.add(h, bytes(src[off:off + n]))
+                        self._pack.add(h, blob)
                 self._pack_repairs |= repairs
                 self._requeued = True
                 self._inflight.remove(pack.ids)
@@ -472,7 +470,7 @@ class Repository:
     def pending_bytes(self) -> int:
         """Bytes in the open pack (not yet durable)."""
         with self._pack_cv:
-            return len(self._pack.buf)
+            return self._pack.size
 
     # -- the index --------------------------------------------------------------------------------------------
     def ensure_index(self) -> None:
