@@ -321,3 +321,23 @@ def test_graph_origin_fast_path_answers_like_the_full_parse():
     o = GraphOrigin("http://127.0.0.1:8080/v1.0")
     assert not o.allows("http://127.0.0.1:8080/v1.0/users/../../x") and not o.allows("http://127.0.0.1:8080/v1.0/a\\b")
     assert o.allows("http://127.0.0.1:8080/v1.0/users/u/messages/m/$value")
+
+
+def test_token_cache_and_session_survive_a_new_event_loop(sim_factory, tmp_path):
+    """A GraphTenant used from two event loops one after the other (asyncio.run twice): the session and the
+    token lock are made again for the new loop instead of failing."""
+    sim = sim_factory(users=1, messages_per_mailbox=3)
+    upn, uid = first_user(sim)
+    mbm = sim.model.mailbox(upn)
+    short = CountingCredential(120)  # always inside the refresh margin: the lock is taken on every request
+    g = GraphTenant.from_config(make_tenant(sim, str(tmp_path)), policy=FAST)
+    g._lean.tokens = TokenCache(short, "scope")
+    m = next(iter(mbm.msgs.values()))
+
+    async def one():
+        return await g.mailbox(uid, upn).get_mime(m.id)
+
+    assert asyncio.run(one()) == mbm.mime(m)
+    assert asyncio.run(one()) == mbm.mime(m)
+    asyncio.run(g.aclose())
+    assert short.calls == 2

@@ -54,6 +54,7 @@ class TokenCache:
         self._token: str | None = None
         self._expires = 0.0
         self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:  # never the token
         return f"TokenCache(scope={self._scope!r})"
@@ -61,8 +62,9 @@ class TokenCache:
     async def get(self) -> str:
         if self._token is not None and time.time() < self._expires - REFRESH_BEFORE:
             return self._token
-        if self._lock is None:
-            self._lock = asyncio.Lock()
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:  # a lock belongs to one event loop
+            self._lock, self._lock_loop = asyncio.Lock(), loop
         async with self._lock:
             if self._token is None or time.time() >= self._expires - REFRESH_BEFORE:
                 at = await self._credential.get_token(self._scope)
