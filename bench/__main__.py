@@ -1,6 +1,6 @@
 """Run every benchmark and print their figures: `.venv/bin/python -m bench` (or `make bench`)."""
 
-from bench import backup_bench, chaos, dagster_bench, format_bench, repo_bench, restore_bench, sim_rps
+from bench import backup_bench, chaos, cpu_bench, dagster_bench, format_bench, repo_bench, restore_bench, sim_rps
 
 if __name__ == "__main__":
     sim_rps.main()
@@ -8,6 +8,8 @@ if __name__ == "__main__":
     repo_bench.main([])
     print()
     backup_bench.main([])
+    print()
+    cpu_bench.main(["--only", "1"])  # its part 2 is backup_bench's part 2a, run just above
     print()
     dagster_bench.main([])
     print()

@@ -83,13 +83,15 @@ def part1_3(work: str) -> dict:
     return {"ratio1": rate / ceil_items, "req_per_item": r.requests / r.items_total, "inc_requests": inc.requests}
 
 
-def part2(work: str, n: int = 20, size: int = 300) -> dict:
+def part2(work: str, n: int = 20, size: int = 300, tags: str = "ab") -> dict:
     """2 runs twice. (a) The target's figure: the same limits and latency as part 1 (30 requests/s per
     mailbox, so 20 mailboxes could take ~580 items/s). (b) The same mailboxes with a window of 4
     requests/s per mailbox, so the aggregate (~80 items/s) stays well inside one process's CPU budget:
     this isolates the concurrency design (does one mailbox hold up another?) from the CPU per item."""
     out = {}
     for tag, wreq, our, sz in (("a", WINDOW_REQ, OUR_WINDOW, size), ("b", 40, 38, size // 3)):
+        if tag not in tags:
+            continue
         rps = min(4 / (LATENCY_MS / 1000), wreq / WINDOW_S)
         print(f"2{tag}. {n} mailboxes of {sz} items in one call vs one alone ({rps:.0f} requests/s per mailbox)")
         cfg = realistic(users=0, mailbox_sizes={f"m{i:02d}": sz for i in range(n)}, seed=9, window_requests=wreq)
@@ -112,7 +114,7 @@ def part2(work: str, n: int = 20, size: int = 300) -> dict:
                  f"({1000 * cpu_us / items:.1f} + {1000 * cpu_sim / items:.1f} ms per item; "
                  f"backup process at {100 * cpu_us / s20:.0f} % of one core; {os.cpu_count()} cores)")
             out[f"ratio2{tag}"] = agg / (n * r1)
-    out["ratio2"] = out["ratio2a"]
+    out["ratio2"] = out.get("ratio2a")
     return out
 
 

@@ -54,6 +54,9 @@ ITEM_RETRY_PASSES = 3        # an item Graph could not serve is tried this many 
 VERIFY_BATCH = 256           # chunks read back at a time (in the thread pool)
 WIND_DOWN_SECONDS = 15.0     # a failing backup waits this long for downloads in flight to be stored
 CONFIRMATIONS = 16           # 404s being confirmed at once, per mailbox
+STORE_BATCH_ITEMS = 64       # downloaded items handed to the store pool at once, per mailbox
+STORE_PENDING_BYTES = 8 << 20  # downloads wait while this much downloaded content waits for the store
+STORE_LINGER = 0.05          # seconds a batch may wait to fill up (a batch of 1–2 items saves little)
 
 
 async def discover(tenant: TenantConfig, settings: Settings | None = None) -> Discovery:
@@ -181,6 +184,13 @@ class MailboxBackup:
         self._confirming = asyncio.Semaphore(CONFIRMATIONS)  # at most this many at once
         self._invalid: list[dict[str, Any]] = []   # delta entries that cannot be items (no id)
         self._lease: Any = None
+        self._store_pending: list[tuple[str, bytes]] = []  # downloaded, not yet handed to the store pool
+        self._store_pending_bytes = 0
+        self._store_room = asyncio.Event()  # set when a download may add to _store_pending
+        self._store_room.set()
+        self._store_full = asyncio.Event()  # set when the pending batch is full
+        self._store_task: asyncio.Task[None] | None = None
+        self._finishing = False
         self.bytes_fetched = 0
         self.bytes_stored_new = 0
 
@@ -530,16 +540,20 @@ class MailboxBackup:
             try:
                 async for page in mb.message_delta(folder_id, link, page_size=DELTA_PAGE_SIZE,
                                                    expected_items=item_count):
-                    for item_id in page.removed:
-                        state.remove(folder_id, item_id)
-                    for m in page.upserts:
-                        if state.upsert(folder_id, _message_meta(m), listing):
-                            await self._put_queue(m.id)
+                    fetch = []
+                    with state.transaction():  # one per page
+                        for item_id in page.removed:
+                            state.remove(folder_id, item_id)
+                        for m in page.upserts:
+                            if state.upsert(folder_id, _message_meta(m), listing):
+                                fetch.append(m.id)
+                        if page.delta_link and listing is not None:
+                            state.finish_full_listing(folder_id, listing)
+                    for item_id in fetch:
+                        await self._put_queue(item_id)
                     for bad in page.invalid:
                         self._invalid.append({"folder_id": folder_id, **bad})
                     if page.delta_link:
-                        if listing is not None:
-                            state.finish_full_listing(folder_id, listing)
                         return page.delta_link
                     self._report()
                 raise ProtocolError(f"mailbox {self.upn} folder {folder_id}: the delta ended without a deltaLink")
@@ -581,10 +595,17 @@ class MailboxBackup:
         for _ in workers:
             self._queue.put_nowait(None)
         tasks = [*workers, *self._side]
+        t0 = time.monotonic()
         _, late = await asyncio.wait(tasks, timeout=WIND_DOWN_SECONDS) if tasks else (set(), set())
         for t in late:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        try:  # what was downloaded is stored, within the same bound
+            await self._store_settled(max(0.1, WIND_DOWN_SECONDS - (time.monotonic() - t0)))
+        except TimeoutError:
+            if self._store_task is not None:
+                self._store_task.cancel()
+                await asyncio.gather(self._store_task, return_exceptions=True)
 
     async def _fetch_worker(self, mb: Any, state: BackupState) -> None:
         while True:
@@ -619,16 +640,68 @@ class MailboxBackup:
             self._fatal = self._fatal or e
             return
         self.bytes_fetched += len(data)
-        stored = await self._io(lambda: self.repo.put_content(data))
-        del data
-        self._deferred.pop(item_id, None)
-        self.bytes_stored_new += stored.new_stored_bytes
-        row = state.stored(item_id, Content(stored.sha256, list(stored.chunks), stored.size))
-        if row is not None:
-            self._ckpt_rows.append(row)
-            self._journal_rows.append(row)
-        await self._flush_checkpoint()
-        self._report()
+        await self._store(state, item_id, data)
+
+    # -- storing: downloaded items go to the store pool in batches ---------------------------------------------
+    async def _store(self, state: BackupState, item_id: str, data: bytes) -> None:
+        """Hand a downloaded item to the store: it joins the pending batch, which one task per mailbox
+        (:meth:`_store_loop`) hands to the thread pool as a whole — one thread hop per batch, not per item —
+        while downloads go on. A download waits here while :data:`STORE_PENDING_BYTES` of content is
+        pending (memory stays bounded whatever the store's speed)."""
+        while self._store_pending and self._store_pending_bytes >= STORE_PENDING_BYTES:
+            self._store_room.clear()
+            await self._store_room.wait()
+        self._store_pending.append((item_id, data))
+        self._store_pending_bytes += len(data)
+        if len(self._store_pending) >= STORE_BATCH_ITEMS or self._store_pending_bytes >= STORE_PENDING_BYTES:
+            self._store_full.set()
+        if self._store_task is None or self._store_task.done():
+            self._store_task = asyncio.ensure_future(self._store_loop(state))
+
+    async def _store_loop(self, state: BackupState) -> None:
+        try:
+            # also after another failure: what was downloaded is stored, so the next attempt reuses it
+            while self._store_pending:
+                if not self._store_full.is_set() and not self._finishing:
+                    try:  # let the batch fill up a little: one thread hop for many items
+                        async with asyncio.timeout(STORE_LINGER):
+                            await self._store_full.wait()
+                    except TimeoutError:
+                        pass
+                self._store_full.clear()
+                batch = self._store_pending[:STORE_BATCH_ITEMS]
+                del self._store_pending[:STORE_BATCH_ITEMS]
+                self._store_pending_bytes -= sum(len(d) for _, d in batch)
+                if len(self._store_pending) >= STORE_BATCH_ITEMS or self._store_pending_bytes >= STORE_PENDING_BYTES:
+                    self._store_full.set()
+                self._store_room.set()
+                put = self.repo.put_content
+                results = await self._io(lambda batch=batch: [put(d) for _, d in batch])
+                with state.transaction():  # one per batch
+                    for (item_id, _), st in zip(batch, results):
+                        self._deferred.pop(item_id, None)
+                        self.bytes_stored_new += st.new_stored_bytes
+                        row = state.stored(item_id, Content(st.sha256, list(st.chunks), st.size))
+                        if row is not None:
+                            self._ckpt_rows.append(row)
+                            self._journal_rows.append(row)
+                del batch, results
+                await self._flush_checkpoint()
+                self._report()
+        except Exception as e:  # a storage failure or a bug: the mailbox fails, nothing more is stored
+            self._fatal = self._fatal or e
+            self._store_pending.clear()
+            self._store_pending_bytes = 0
+        finally:
+            self._store_room.set()  # never hold a download up
+
+    async def _store_settled(self, timeout: float | None = None) -> None:
+        """Wait until everything downloaded so far is stored (or the store failed)."""
+        self._finishing = True  # no lingering: nothing else is coming
+        self._store_full.set()
+        async with asyncio.timeout(timeout):
+            while self._store_task is not None and not self._store_task.done():
+                await asyncio.wait([self._store_task])
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         t = asyncio.ensure_future(coro)
@@ -687,9 +760,13 @@ class MailboxBackup:
     async def _settle(self) -> None:
         while True:
             await self._queue.join()
-            if not self._side:
-                return
-            await asyncio.gather(*list(self._side), return_exceptions=True)
+            if self._side:
+                await asyncio.gather(*list(self._side), return_exceptions=True)
+                continue
+            if self._store_task is not None and not self._store_task.done():
+                await self._store_settled()
+                continue
+            return
 
     async def _flush_checkpoint(self, force: bool = False) -> None:
         """An uploaded checkpoint part every ``checkpoint_items`` / ``checkpoint_seconds`` (one request each;

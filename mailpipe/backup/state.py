@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -82,6 +83,20 @@ class BackupState:
 
     def close(self) -> None:
         self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Statements inside run as one SQLite transaction (one per delta page, one per stored batch),
+        not one each. Nested: the outer one commits. An error commits what was done, as the statements
+        would have one by one (the table has no journal to roll back: ``journal_mode=OFF``)."""
+        if self.db.in_transaction:
+            yield
+            return
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")
 
     # -- loading what is already known -------------------------------------------------------------
     def load_previous(self, rows: Iterable[dict[str, Any]]) -> int:

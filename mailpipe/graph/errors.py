@@ -95,7 +95,7 @@ def _clean(msg: str | None) -> str:
     """Graph error messages are safe, but never let anything token-like through."""
     if not msg:
         return ""
-    msg = re.sub(r"(?i)(bearer\s+)[\w\-.~+/=]+", r"\1[redacted]", msg)
+    msg = re.sub(r"(?i)\b(bearer\s+)(?:bearer\s+)*[\w\-.~+/=]+", r"\1[redacted]", msg)  # "Bearer Bearer x" too
     msg = re.sub(r"eyJ[\w\-]+\.[\w\-]+\.[\w\-]+", "[redacted-jwt]", msg)
     return msg.strip()[:500]
 

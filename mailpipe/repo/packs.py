@@ -105,19 +105,27 @@ def decode_index(data: bytes, open_: Callable[[bytes, str], bytes]) -> list[dict
 
 @dataclass
 class OpenPack:
-    """Blobs waiting to be uploaded as one pack."""
-    buf: bytearray = field(default_factory=bytearray)
+    """Blobs waiting to be uploaded as one pack. The blobs are kept as they are (a list, no growing buffer to
+    copy into): a checkpoint takes one by reference, and :meth:`finish` joins them once."""
+    blobs: list[bytes] = field(default_factory=list)
     entries: list[tuple[str, int, int]] = field(default_factory=list)
-    ids: set[str] = field(default_factory=set)
+    ids: dict[str, int] = field(default_factory=dict)  # chunk → its index in blobs/entries
+    size: int = 0
 
     def add(self, chunk: str, blob: bytes) -> None:
-        self.entries.append((chunk, len(self.buf), len(blob)))
-        self.ids.add(chunk)
-        self.buf += blob
+        self.ids[chunk] = len(self.blobs)
+        self.entries.append((chunk, self.size, len(blob)))
+        self.blobs.append(blob)
+        self.size += len(blob)
+
+    def blob(self, chunk: str) -> bytes | None:
+        i = self.ids.get(chunk)
+        return None if i is None else self.blobs[i]
 
     def finish(self, seal: Callable[[bytes, str], bytes]) -> bytes:
+        """The pack's bytes: blobs, header, trailer (one copy)."""
         header = encode_header(self.entries, seal)
-        return bytes(self.buf) + header + struct.pack("<I", len(header)) + PACK_MAGIC
+        return b"".join([*self.blobs, header, struct.pack("<I", len(header)), PACK_MAGIC])
 
 
 class ChunkIndex:
@@ -189,6 +197,10 @@ class ChunkIndex:
                 "ORDER BY b.rowid DESC", (bytes.fromhex(chunk),))]
 
     def has(self, chunk: str, excluded: frozenset[str] = frozenset()) -> bool:
+        if not excluded:  # the common case: one index probe, no join, no sort
+            with self._lock:
+                return self._db.execute("SELECT 1 FROM blobs WHERE chunk=? LIMIT 1",
+                                        (bytes.fromhex(chunk),)).fetchone() is not None
         locs = self.locations(chunk)
         return any(p not in excluded for p, _, _ in locs)
 

@@ -400,7 +400,7 @@ class Repository:
             self._pack.add(h, blob)
             if repair:
                 self._pack_repairs.add(h)
-            if len(self._pack.buf) < PACK_TARGET:
+            if self._pack.size < PACK_TARGET:
                 return True
             full, repairs = self._take_pack()
         self._upload(full, repairs)
@@ -430,9 +430,9 @@ class Repository:
             self.index.add_file(iid, decode_index(raw, self._unseal))
         except BaseException:
             with self._pack_cv:
-                for (h, off, n) in pack.entries:
+                for (h, _, _), blob in zip(pack.entries, pack.blobs):
                     if h not in self._pack.ids:
-                        self._pack.add(h, bytes(pack.buf[off:off + n]))
+                        self._pack.add(h, blob)
                 self._pack_repairs |= repairs
                 self._requeued = True
                 self._inflight.remove(pack.ids)
@@ -471,7 +471,7 @@ class Repository:
     def pending_bytes(self) -> int:
         """Bytes in the open pack (not yet durable)."""
         with self._pack_cv:
-            return len(self._pack.buf)
+            return self._pack.size
 
     # -- the index --------------------------------------------------------------------------------------------
     def ensure_index(self) -> None:
@@ -544,9 +544,9 @@ class Repository:
             locs = self.index.locations(h)
         if not locs:
             with self._pack_cv:
-                for c, off, n in self._pack.entries:
-                    if c == h:
-                        return self._piece(h, bytes(self._pack.buf[off:off + n]), item)
+                blob = self._pack.blob(h)
+            if blob is not None:
+                return self._piece(h, blob, item)
             raise IntegrityError(f"{item}: chunk {h} is missing from the repository")
         corrupt: IntegrityError | None = None
         for attempt in range(2):
@@ -867,7 +867,7 @@ class Repository:
         name = new_snapshot_id() + secrets.token_hex(2) + ".parquet"
         tmp = self._local_tmp(tmp_dir, ".parquet")
         try:
-            pq.write_table(pa.Table.from_batches([to_batch(rows, CHECKPOINT)]), tmp, **PARQUET_OPTIONS)
+            pq.write_table(pa.Table.from_batches([to_batch(rows, CHECKPOINT)]), tmp, **CHECKPOINT_PARQUET_OPTIONS)
             self._put_local_file(f"{self._ckpt_prefix(user_id)}/{name}", tmp)
             if tmp_dir:  # a local copy (private work dir): compaction merges it without downloading it again
                 os.replace(tmp, _local_ckpt(tmp_dir, name))
@@ -882,21 +882,19 @@ class Repository:
     def _with_pending_blobs(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``rows`` with, for each, the blobs of its chunks still in the open pack (uploads in flight are
         waited for first: a chunk is then either in an uploaded pack or in the open one)."""
-        wanted = {h for r in rows for h in r["chunks"]}
+        seen: set[str] = set()
+        out = []
         with self._pack_cv:
             while self._uploading:
                 self._pack_cv.wait()
-            # copies of the wanted blobs only (the open pack holds up to 8 MiB)
-            data = {c: bytes(self._pack.buf[off:off + n]) for c, off, n in self._pack.entries if c in wanted}
-        seen: set[str] = set()
-        out = []
-        for r in rows:
-            blobs = []
-            for h in r["chunks"]:
-                if h in data and h not in seen:
-                    seen.add(h)
-                    blobs.append({"chunk": h, "data": data[h]})
-            out.append({**r, "blobs": blobs or None})
+            pack = self._pack  # only the blobs these rows need are copied, not the whole open pack
+            for r in rows:
+                blobs = []
+                for h in r["chunks"]:
+                    if h in pack.ids and h not in seen:
+                        seen.add(h)
+                        blobs.append({"chunk": h, "data": pack.blob(h)})
+                out.append({**r, "blobs": blobs or None})
         return out
 
     # -- the local journal: checkpoint parts between two uploaded ones, in the backup's work dir ------------
@@ -937,7 +935,7 @@ class Repository:
                 with pa.memory_map(os.path.join(tmp_dir, name)) as f:
                     table = pa.ipc.open_file(f).read_all()
                 table.validate(full=True)
-                pq.write_table(table, tmp, **PARQUET_OPTIONS)
+                pq.write_table(table, tmp, **CHECKPOINT_PARQUET_OPTIONS)
             except (*PARQUET_ERRORS, pa.ArrowException):
                 os.unlink(tmp)
                 continue
@@ -984,7 +982,7 @@ class Repository:
         name = new_snapshot_id() + secrets.token_hex(2) + ".parquet"
         tmp = self._local_tmp(tmp_dir, ".parquet")
         try:
-            with pq.ParquetWriter(tmp, CHECKPOINT, **PARQUET_OPTIONS) as w:
+            with pq.ParquetWriter(tmp, CHECKPOINT, **CHECKPOINT_PARQUET_OPTIONS) as w:
                 for key in keys:
                     local = _local_ckpt(tmp_dir, key.rsplit("/", 1)[-1]) if tmp_dir else ""
                     try:
@@ -1299,6 +1297,14 @@ def _short_error(e: BaseException) -> str:
 # Parquet files are written with page checksums (CRC32 per page), which readers verify: a flipped byte
 # that still decompresses is found too, page by page.
 PARQUET_OPTIONS: dict[str, Any] = {"compression": "zstd", "write_page_checksum": True}
+# checkpoint parts: the blobs they carry are zstd frames already (and sealed when encrypted): compressing
+# them again, or building a dictionary of them, costs CPU and saves nothing (~6 → ~3 ms for 30 items of
+# 100 KB). The other columns as everywhere.
+_CKPT_COLUMNS = ["item_id", "change_key", "is_draft", "sha256", "chunks.list.element", "size",
+                 "blobs.list.element.chunk"]
+CHECKPOINT_PARQUET_OPTIONS: dict[str, Any] = {
+    "compression": {**{c: "zstd" for c in _CKPT_COLUMNS}, "blobs.list.element.data": "none"},
+    "use_dictionary": _CKPT_COLUMNS, "write_page_checksum": True}
 
 
 class SnapshotWriter:
