@@ -13,6 +13,7 @@ import threading
 import time
 from collections import Counter
 
+import pyarrow as pa
 import pytest
 
 from mailpipe.repo import open_repository
@@ -132,17 +133,22 @@ def test_unknown_mailbox_fails_clearly(sim_factory, tmp_path):
     assert not b.ok and b.error_kind == "no-mailbox"
 
 
-@pytest.mark.parametrize("same_host", [True, False], ids=["same_host", "other_host"])
-def test_sigkill_mid_backup_then_restart_downloads_only_what_was_not_stored(tmp_path, same_host):
-    """A restart on the same host also finds the killed run's local journal (its work dir): it loses at most
-    one journal window (5 items) + the downloads in flight; on another host (no work dir), at most one
-    checkpoint window (30 items) + the downloads in flight."""
+@pytest.mark.parametrize("where", ["journal", "checkpoints", "both_other_host"])
+def test_sigkill_mid_backup_then_restart_downloads_only_what_was_not_stored(tmp_path, where):
+    """Every item the killed run made durable is reused, none downloaded again: ``journal`` — no checkpoint
+    is uploaded before the kill (a long cadence), the restart on the same host finds the killed run's local
+    journal in its work dir; ``checkpoints`` — no journal, only the uploaded checkpoint parts;
+    ``both_other_host`` — the defaults, and the restart runs where the work dir is not (another host).
+    Beyond those, only the last window (5 items of the journal, 30 of a checkpoint) and what was in flight
+    (6 downloads, a store batch pending and one being stored: ≤ 64 items each) is downloaded again."""
     cfg = SimConfig(users=1, messages_per_mailbox=700, seed=5, faults=FaultConfig(latency_ms=15, jitter_ms=5))
+    cadence = {"journal": {"MAILPIPE_CHECKPOINT_ITEMS": "100000", "MAILPIPE_CHECKPOINT_SECONDS": "3600"},
+               "checkpoints": {"MAILPIPE_JOURNAL_ITEMS": "0"}, "both_other_host": {}}[where]
     with SimProcess(cfg) as sim:
         upn = next(iter(sim.truth()["mailboxes"]))
         total = len(sim.truth()["mailboxes"][upn]["items"])
         repo_dir = tmp_path / "repo"
-        env = {**os.environ, "MAILPIPE_CHECKPOINT_SECONDS": "0.5", "MAILPIPE_WORK_DIR": str(tmp_path / "work"),
+        env = {**os.environ, **cadence, "MAILPIPE_WORK_DIR": str(tmp_path / "work"),
                "MAILPIPE_TENANTS": write_tenants_file(tmp_path / "tenants.yaml", "t1", sim.graph_url, repo_dir)}
         cmd = [sys.executable, "-m", "mailpipe", "backup", "t1", upn, "--json"]
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -159,20 +165,26 @@ def test_sigkill_mid_backup_then_restart_downloads_only_what_was_not_stored(tmp_
         repo = open_repository(t, create=False)
         uid = sim.truth()["mailboxes"][upn]["id"]
         checkpointed = {r["item_id"] for b in repo.iter_checkpoint_rows(uid) for r in b.to_pylist()}
+        journaled = {i for part in (tmp_path / "work").rglob("journal-*.arrow")
+                     for i in pa.ipc.open_file(pa.memory_map(str(part))).read_all().column("item_id").to_pylist()}
         assert repo.latest_snapshot(uid) is None  # nothing committed by the killed run
-        assert len(checkpointed) >= 0.3 * total
-        if not same_host:
+        if where == "journal":
+            assert not checkpointed and len(journaled) >= 0.3 * total
+        elif where == "checkpoints":
+            assert not journaled and len(checkpointed) >= 0.3 * total
+        else:
+            assert len(checkpointed) >= 0.3 * total
             shutil.rmtree(tmp_path / "work")  # the restart runs where the killed run's work dir is not
+            journaled = set()
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr
         res = json.loads(out.stdout.strip().splitlines()[-1])
-        assert res["ok"] and res["items_total"] == total and res["items_reused"] >= len(checkpointed)
+        durable = checkpointed | journaled
+        assert res["ok"] and res["items_total"] == total and res["items_reused"] >= len(durable)
         both = Counter(sim.stats()["mime_downloads"][upn])
         again = {i for i, n in both.items() if n > 1}
-        assert not (again & checkpointed), "an item stored and checkpointed before the kill was downloaded again"
-        # what was downloaded again is at most the last journal / checkpoint window (+ downloads in flight:
-        # 6 fetch workers, and the items stored but not yet in a journal part)
-        assert len(again) <= (12 if same_host else 40), len(again)
+        assert not (again & durable), "an item made durable before the kill was downloaded again"
+        assert len(again) <= (5 if where == "journal" else 30) + 6 + 2 * 64, len(again)
         assert snapshot_items(repo, uid) == truth_items(sim.truth(), upn)
         assert list(repo.iter_checkpoint_rows(uid)) == []  # cleaned up after the commit
 

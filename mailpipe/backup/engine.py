@@ -56,6 +56,7 @@ WIND_DOWN_SECONDS = 15.0     # a failing backup waits this long for downloads in
 CONFIRMATIONS = 16           # 404s being confirmed at once, per mailbox
 STORE_BATCH_ITEMS = 64       # downloaded items handed to the store pool at once, per mailbox
 STORE_PENDING_BYTES = 8 << 20  # downloads wait while this much downloaded content waits for the store
+# (or a whole batch of items does: what a SIGKILL loses beyond the journal stays bounded in items too)
 STORE_LINGER = 0.05          # seconds a batch may wait to fill up (a batch of 1–2 items saves little)
 
 
@@ -646,9 +647,11 @@ class MailboxBackup:
     async def _store(self, state: BackupState, item_id: str, data: bytes) -> None:
         """Hand a downloaded item to the store: it joins the pending batch, which one task per mailbox
         (:meth:`_store_loop`) hands to the thread pool as a whole — one thread hop per batch, not per item —
-        while downloads go on. A download waits here while :data:`STORE_PENDING_BYTES` of content is
-        pending (memory stays bounded whatever the store's speed)."""
-        while self._store_pending and self._store_pending_bytes >= STORE_PENDING_BYTES:
+        while downloads go on. A download waits here while :data:`STORE_PENDING_BYTES` of content or
+        :data:`STORE_BATCH_ITEMS` items are pending (memory, and what a kill loses, stay bounded whatever
+        the store's speed)."""
+        while self._store_pending and (self._store_pending_bytes >= STORE_PENDING_BYTES
+                                       or len(self._store_pending) >= STORE_BATCH_ITEMS):
             self._store_room.clear()
             await self._store_room.wait()
         self._store_pending.append((item_id, data))
