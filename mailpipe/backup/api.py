@@ -65,6 +65,7 @@ class MailboxResult:
     seconds: float = 0.0
     skipped: list[dict[str, Any]] = field(default_factory=list)  # [{item_id, folder_path, subject, reason, pending}]
     warnings: list[str] = field(default_factory=list)  # e.g. a damaged base snapshot that was skipped
+    items_by_type: dict[str, int] = field(default_factory=dict)  # content: fidelity — items per message class
 
     def metrics(self) -> dict[str, int | float]:
         """The numeric figures, for metadata that the UI plots over time."""
@@ -118,8 +119,8 @@ async def backup_mailboxes(
     """
     from mailpipe.backup.engine import backup_many
 
-    if tenant.content != "mime":  # the export API's backups are not built yet (docs/CONFIG.md, "Content modes")
-        msg = (f"tenant {tenant.name}: content: {tenant.content} is not supported by backups yet (only mime); "
+    if tenant.content == "both":  # not built yet (docs/CONFIG.md, "Content modes")
+        msg = (f"tenant {tenant.name}: content: both is not supported by backups yet (mime or fidelity); "
                "nothing was backed up")
         return [MailboxResult(upn=u.lower(), error=msg, error_kind="permanent") for u in upns]
     return await backup_many(

@@ -122,7 +122,7 @@ async def backup_many(
 
             async def one(upn: str) -> MailboxResult:
                 async with sem:
-                    job = MailboxBackup(tenant, graph, repo, pool, upn, settings=settings, work=work,
+                    job = backup_class(tenant)(tenant, graph, repo, pool, upn, settings=settings, work=work,
                                         progress=progress, skip_if_committed_since=skip_if_committed_since,
                                         wait_for_lease=wait_for_lease)
                     return await job.run()
@@ -130,6 +130,15 @@ async def backup_many(
             return list(await asyncio.gather(*(one(u) for u in upns)))
     finally:
         pool.shutdown(wait=True)
+
+
+def backup_class(tenant: TenantConfig) -> type[MailboxBackup]:
+    """The backup of one mailbox for the tenant's ``content`` mode: MIME, or the export API's streams."""
+    if tenant.content == "fidelity":
+        from mailpipe.backup.fidelity import FidelityBackup
+
+        return FidelityBackup
+    return MailboxBackup
 
 
 class MailboxBackup:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -178,6 +179,7 @@ class MailboxExport:
         self.t = mb.t
         self.budget = budget  # an UploadBudget (mailpipe.graph.write) for imports; made on first import
         self._mailbox_id: str | None = None
+        self._root_id: str | None = None  # the root folder's id (the parent of top-level folders)
         self._import_clients: dict[str, httpx.AsyncClient] = {}
 
     async def _call(self, kind: str, fn: Any, what: str, *, need: str = EXPORT_PERMISSIONS[0],
@@ -252,6 +254,9 @@ class MailboxExport:
             paths[fid] = p
             return p
 
+        roots = Counter(f.get("parentFolderId") for f in raw.values() if f.get("parentFolderId") not in raw)
+        if roots:
+            self._root_id = roots.most_common(1)[0][0]  # the parent of the top-level folders
         out = []
         for fid, f in raw.items():
             total = f.get("totalItemCount")
@@ -319,6 +324,47 @@ class MailboxExport:
             paging.follow(dl, "deltaLink")
             yield ItemDeltaPage(upserts, removed, None, self.t.origin.relative(dl), invalid)
             return
+
+    async def create_folder(self, parent_id: str | None, name: str, folder_class: str | None) -> str:
+        """``POST folders`` (under the root) or ``folders/{id}/childFolders`` ``{displayName, type}`` → the new
+        folder's id; a sibling of that name (409 ``ErrorFolderExists``, also after a create whose answer was
+        lost) → that folder's id. msgraph-sdk has no builder for this POST: the request goes through the same
+        adapter (auth, guarded transport) by URL. Needs ``MailboxFolder.ReadWrite.All``."""
+        from urllib.parse import quote
+
+        from mailpipe.graph.errors import GraphError as _GE
+
+        mid = await self.mailbox_id()
+        base = f"{self.t.graph_url}/admin/exchange/mailboxes/{quote(mid, safe=':@')}/folders"
+        url = f"{base}/{quote(parent_id, safe='')}/childFolders" if parent_id else base
+        what = f"mailbox {self.mb.upn} create folder {name!r}"
+        body = json.dumps({"displayName": name, **({"type": folder_class} if folder_class else {})}).encode()
+        try:
+            resp = await self._call("mailbox_create_folder", lambda: self.t.request(
+                self._root.request_adapter, "POST", url, what, body=body), what, need="MailboxFolder.ReadWrite.All",
+                idempotent=False)
+        except _GE as e:
+            if e.status != 409 and not isinstance(e, TransientError):
+                raise
+            for f in await self.folders():  # it exists (maybe made by the request whose answer was lost)
+                if f.parent_id == (parent_id or self._root_id) and f.display_name.casefold() == name.casefold():
+                    return f.id
+            raise
+        d = json_object(resp, what)
+        fid = d.get("id")
+        if not isinstance(fid, str) or not fid:
+            raise TransientError(f"{what}: the answer has no id")
+        if parent_id is None and isinstance(d.get("parentFolderId"), str):
+            self._root_id = d["parentFolderId"]
+        return fid
+
+    async def get_item(self, folder_id: str, item_id: str) -> dict[str, Any]:
+        """``GET folders/{id}/items/{id}``: one item's metadata (``NotFoundError`` when Graph says it does not
+        exist) — how a per-item ``ErrorItemNotFound`` of ``exportItems`` is told apart from a deleted item."""
+        mid = await self.mailbox_id()
+        what = f"mailbox {self.mb.upn} export item {item_id}"
+        b = self._mailbox(mid).folders.by_mailbox_folder_id(folder_id).items.by_mailbox_item_id(item_id)
+        return await self._call("mailbox_item", lambda: self.t.get_json(b, self._config(), what), what)
 
     async def export_items(self, item_ids: list[str]) -> list[ExportResult]:
         """``POST exportItems`` for at most 20 ids: one :class:`ExportResult` per id asked, in that order.

@@ -35,6 +35,7 @@ MAX_EXPORT_IDS = 20
 MAX_IMPORT_BYTES = 150 * 1024 * 1024  # Exchange's largest message; no limit of the import URL is published
 EXPORT_ROLES = ("MailboxItem.Export.All", "MailboxItem.ImportExport.All")
 IMPORT_ROLES = ("MailboxItem.ImportExport.All",)
+FOLDER_WRITE_ROLES = ("MailboxFolder.ReadWrite.All",)
 # per-item errors of exportItems (``fail_exports``): status -> (code, message)
 _EXPORT_ERRORS = {
     404: ("ErrorItemNotFound", "The specified object was not found in the store."),
@@ -76,6 +77,8 @@ def kind(low: list[str], method: str) -> str:
     if rest[:1] == ["folders"]:
         if rest[1:] == ["delta"]:
             return "mailbox_folder_delta"
+        if method == "POST" and (len(rest) == 1 or rest[2:] == ["childfolders"]):
+            return "mailbox_create_folder"
         if len(rest) >= 3 and rest[2] == "items":
             return "mailbox_item_delta" if rest[3:] == ["delta"] else "mailbox_item"
         return "mailbox_folders"
@@ -102,7 +105,8 @@ async def route(srv: SimServer, request: web.Request, segs: list[str], low: list
     user = mb.user
     k = kind(low, request.method)
     srv.requests[user.id][k] += 1
-    problem = _roles_problem(srv, IMPORT_ROLES if k == "import_session" else EXPORT_ROLES)
+    problem = _roles_problem(srv, {"import_session": IMPORT_ROLES, "mailbox_create_folder": FOLDER_WRITE_ROLES}.get(
+        k, EXPORT_ROLES))
     if problem is not None:
         return problem
     return await srv._limited(user, lambda: _route(srv, request, mb, segs[4:], low[4:]))
@@ -114,6 +118,10 @@ async def _route(srv: SimServer, request: web.Request, mb: Mailbox, segs: list[s
             return await export_items(srv, request, mb)
         if request.method == "POST" and low == ["createimportsession"]:
             return create_import_session(srv, mb)
+        if request.method == "POST" and low == ["folders"]:
+            return await create_folder(srv, request, mb, mb.root_id)
+        if request.method == "POST" and len(low) == 3 and low[0] == "folders" and low[2] == "childfolders":
+            return await create_folder(srv, request, mb, fidelity.any_folder(mb, segs[1])[0].id)
         if request.method == "GET" and low[:1] == ["folders"]:
             if len(low) == 1:
                 return folder_list(srv, request, mb, mb.root_id)
@@ -260,6 +268,41 @@ async def export_items(srv: SimServer, request: web.Request, mb: Mailbox) -> web
     out = json.dumps({"@odata.context": f"{srv.base_url}/v1.0/$metadata#Collection(microsoft.graph."
                                         "exportItemResponse)", "value": value}).encode()
     return await srv._send_bytes(request, mb, out, "application/json")
+
+
+async def create_folder(srv: SimServer, request: web.Request, mb: Mailbox, parent: str) -> web.Response:
+    """``POST folders`` / ``folders/{id}/childFolders`` ``{"displayName", "type"?}`` → 201 with the folder. The
+    class defaults to IPF.Note; a mail folder (IPF.Note) only under the root or another mail folder (the
+    simulator's mail routes keep a tree of their own); a sibling of the same name → 409 ErrorFolderExists."""
+    from mailpipe.sim.posted import MAX_REQUEST_BYTES
+
+    body, n, bad = await _json(request, MAX_REQUEST_BYTES)
+    if bad is not None:
+        return bad
+    refused = srv._charge_upload(mb.user.id, n)
+    if refused is not None:
+        return refused
+    name, cls = body.get("displayname"), body.get("type") or "IPF.Note"
+    if not isinstance(name, str) or not name.strip():
+        return _err(400, "ErrorInvalidRequest", "A folder needs a non-empty 'displayName'.")
+    if cls not in fidelity.ITEM_CLASS:
+        return _err(400, "ErrorInvalidRequest", f"The simulator creates folders of class "
+                    f"{', '.join(fidelity.ITEM_CLASS)} (got {cls!r}).")
+    with mb.lock:
+        if any(f.name.casefold() == name.casefold() for f in fidelity.children(mb, parent)):
+            return _err(409, "ErrorFolderExists", "A folder with the specified name already exists.")
+        if cls == "IPF.Note":
+            if parent != mb.root_id and parent not in mb.folders:
+                return _err(400, "ErrorInvalidRequest", "The simulator keeps mail folders (IPF.Note) under the "
+                            "root or another mail folder.")
+            fid = srv.model.mutate(mb.user.id, [{"op": "create_folder", "parent": parent, "name": name}])[0]
+        else:
+            fid = srv.model.mutate(mb.user.id, [{"op": "create_xfolder", "parent": parent, "name": name,
+                                                 "class": cls}])[0]
+        f, _ = fidelity.any_folder(mb, fid)
+        d = fidelity.folder_json(mb, f, fidelity.item_counts(mb))
+    srv.created_folders[mb.user.id] += 1
+    return web.json_response({"@odata.context": f"{srv.base_url}/v1.0/$metadata#mailboxFolder", **d}, status=201)
 
 
 def create_import_session(srv: SimServer, mb: Mailbox) -> web.Response:

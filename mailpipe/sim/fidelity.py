@@ -371,7 +371,8 @@ def apply(mb: Mailbox, op: dict[str, Any]) -> Any:
             done.append(iid)
         return done
     if kind == "create_xfolder":
-        parent, is_mail = any_folder(mb, op["parent"]) if op.get("parent") else (None, False)
+        parent, is_mail = any_folder(mb, op["parent"]) if op.get("parent") and op["parent"] != mb.root_id \
+            else (None, False)
         cls = op.get("class") or (parent.cls if parent is not None and not is_mail else "IPF.Appointment")
         if cls not in ITEM_CLASS or cls == "IPF.Note":
             raise ValueError(f"create_xfolder: class {cls!r} is not one of IPF.Appointment, IPF.Contact, IPF.Task")

@@ -1,0 +1,475 @@
+"""Fidelity backups (``content: fidelity``): every item of every folder through the mailbox export API,
+20 items per request (docs/ENGINE.md, "Fidelity backups").
+
+:class:`FidelityBackup` is a :class:`MailboxBackup` whose middle differs: the lease, the deadline, the work
+directory, the local journal and the checkpoints, the commit and the failure handling are the engine's own.
+Instead of per-folder message deltas and one ``$value`` per message it runs the export API's folder tree and
+per-folder item deltas, and exports what it must in batches of at most 20 ids and a byte budget (the items'
+sizes from the delta). Each stream is stored like MIME — chunked, deduplicated, in packs — and listed in the
+snapshot's ``fidelity.parquet`` (docs/FORMAT.md); the snapshot's ``manifest.parquet`` is empty (no MIME).
+
+Rules, as for MIME: links advance only in a committed snapshot; a folder whose link Graph no longer accepts is
+listed from scratch (what the listing does not report leaves: no ghosts, no duplicates); an item's stored
+stream is reused as long as its ``changeKey`` is the one the stream was exported at (any change to an item —
+read state, flag, categories, an edit, a move — gives it a new ``changeKey`` and a new stream, which is
+exported again: its unchanged parts deduplicate). A per-item error in an answer is that item's: not found →
+looked up by id (twice, a moment apart) and dropped only if Graph confirms it is gone; transient → tried again
+at the end; permanent (``ErrorCorruptData``, ...) → skipped, listed, and pending for the next backup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from mailpipe.backup.engine import (
+    FOLDER_SCANNERS,
+    ITEM_RETRY_PASSES,
+    WIND_DOWN_SECONDS,
+    MailboxBackup,
+    _gather_or_cancel,
+)
+
+log = logging.getLogger("mailpipe.backup")
+
+CKPT_PREFIX = "fts:"              # checkpoint rows of export streams (never confused with MIME rows)
+MAX_BATCH_IDS = 20                # Graph's exportItems limit
+BATCH_BYTES = 24 * 1024 * 1024    # stream bytes per exportItems request (the answer is ~4/3 of it: base64)
+UNKNOWN_SIZE = 256 * 1024         # an item whose delta entry has no size counts this much
+DELTA_PAGE_SIZE = 1000
+
+
+@dataclass
+class _Content:
+    change_key: str | None  # the version the stream was exported at
+    sha256: str
+    chunks: list[str]
+    size: int
+    first_snapshot_id: str | None
+
+
+class _Item:
+    __slots__ = ("folder_id", "item_type", "change_key", "size_hint", "created", "modified", "categories",
+                 "content", "listing", "in_base", "fetched")
+
+    def __init__(self, folder_id: str) -> None:
+        self.folder_id = folder_id
+        self.item_type: str | None = None
+        self.change_key: str | None = None
+        self.size_hint: int | None = None
+        self.created: Any = None
+        self.modified: Any = None
+        self.categories: tuple[str, ...] = ()
+        self.content: _Content | None = None
+        self.listing: int | None = None
+        self.in_base = False
+        self.fetched = False
+
+
+class FidelityState:
+    """Every item of the mailbox now (from the base snapshot, then the deltas), with its stored stream.
+    In memory: ~400 bytes per item."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, _Item] = {}
+        self.known: dict[str, _Content] = {}   # streams an interrupted backup stored (checkpoint rows)
+        self.skipped: dict[str, str] = {}
+        self.base_ids: set[str] = set()
+        self.reused = 0
+
+    def load_base(self, rows: list[dict[str, Any]]) -> int:
+        for r in rows:
+            it = _Item(r["folder_id"])
+            it.item_type, it.change_key = r.get("item_type"), r.get("change_key")
+            it.size_hint, it.created, it.modified = r.get("size"), r.get("created_at"), r.get("last_modified_at")
+            it.categories = tuple(r.get("categories") or ())
+            it.content = _Content(r.get("change_key"), r["sha256"], list(r["chunks"]), int(r["size"]),
+                                  r.get("first_snapshot_id"))
+            it.in_base = True
+            self.items[r["item_id"]] = it
+            self.base_ids.add(r["item_id"])
+        return len(rows)
+
+    def load_known(self, rows: list[dict[str, Any]]) -> int:
+        n = 0
+        for r in rows:
+            iid = r.get("item_id") or ""
+            if iid.startswith(CKPT_PREFIX) and r.get("sha256") and r.get("chunks") is not None:
+                self.known[iid[len(CKPT_PREFIX):]] = _Content(r.get("change_key"), r["sha256"], list(r["chunks"]),
+                                                              int(r["size"]), None)
+                n += 1
+        return n
+
+    def upsert(self, folder_id: str, info: Any, listing: int | None) -> bool:
+        """Record an item reported in ``folder_id``; True when its stream must be exported."""
+        it = self.items.get(info.id)
+        if it is None:
+            it = self.items[info.id] = _Item(folder_id)
+        it.folder_id = folder_id
+        it.item_type = info.item_type or it.item_type
+        it.change_key, it.size_hint = info.change_key, info.size
+        it.created, it.modified, it.categories = info.created_at, info.last_modified_at, info.categories
+        it.listing = listing
+        self.skipped.pop(info.id, None)
+        if it.content is not None and it.content.change_key == info.change_key and info.change_key:
+            return False
+        k = self.known.get(info.id)
+        if k is not None and k.change_key == info.change_key and info.change_key:
+            it.content = k
+            self.reused += 1
+            return False
+        return True
+
+    def remove(self, folder_id: str, item_id: str) -> None:
+        it = self.items.get(item_id)
+        if it is not None and it.folder_id == folder_id:
+            del self.items[item_id]
+            self.skipped.pop(item_id, None)
+
+    def gone(self, item_id: str) -> None:
+        self.items.pop(item_id, None)
+        self.skipped.pop(item_id, None)
+
+    def finish_full_listing(self, folder_id: str, listing: int) -> None:
+        for iid in [i for i, it in self.items.items() if it.folder_id == folder_id and it.listing != listing]:
+            del self.items[iid]
+
+    def wanted(self, item_id: str) -> bool:
+        it = self.items.get(item_id)
+        return it is not None and (it.content is None or it.content.change_key != it.change_key)
+
+
+class FidelityBackup(MailboxBackup):
+    """One mailbox through the export API (see the module docstring)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self._batch: list[str] = []
+        self._batch_bytes = 0
+        self._batches: asyncio.Queue[list[str] | None] = asyncio.Queue(maxsize=8)
+        self._fs = FidelityState()
+        self.export_requests = 0
+
+    # -- the middle of the backup -------------------------------------------------------------------------
+    async def _backup(self, mb: Any, state: Any) -> None:  # noqa: C901 - one flow, read top to bottom
+        from mailpipe.graph.export import MailboxExport, check_permissions
+        from mailpipe.repo.repository import IntegrityError, RepositoryError
+
+        user_id = self.result.user_id
+        started_at = datetime.now(timezone.utc)
+        self._verify_slice = {}
+        await check_permissions(mb, "fidelity")
+        ex = MailboxExport(mb)
+        fs = self._fs
+        base, base_entry = await self._load_base(state)  # MIME rows (none in a fidelity snapshot) + base record
+        fid = dict(base.fidelity or {}) if base is not None else {}
+        prev_links: dict[str, str] = dict(fid.get("delta_links") or {})
+        prev_pending: list[dict[str, Any]] = list(fid.get("pending") or [])
+        if base is not None and "fidelity.parquet" in base.files:
+            try:
+                await self._stream_into(lambda: self.repo.iter_fidelity(user_id, base.snapshot_id, tmp_dir=self.work),
+                                        fs.load_base)
+            except (IntegrityError, RepositoryError) as e:
+                self._warn(f"the fidelity streams of snapshot {base.snapshot_id} cannot be read ({e}); every folder "
+                           "is listed from scratch")
+                fs.__init__()
+                prev_links, prev_pending = {}, []
+        stored = self.repo.chunk_is_reusable
+        n_ckpt = await self._stream_into(
+            lambda: self.repo.iter_checkpoint_rows(user_id, tmp_dir=self.work),
+            lambda rows: fs.load_known([r for r in rows if all(stored(h) for h in (r.get("chunks") or []))]))
+        if n_ckpt:
+            log.info("%s: resuming: %d streams stored by an interrupted backup", self.upn, n_ckpt)
+
+        folders = {f.id: f for f in await ex.folders()}
+        ids = await self._io(lambda: self.repo.snapshot_ids(user_id))
+        writer = await self._io(lambda: self.repo.begin_snapshot(
+            user_id, self.upn, after=ids[-1] if ids else "", tmp_dir=self.work))
+        try:
+            new_links: dict[str, str] = {}
+            gone_folders: set[str] = set()
+            workers = [asyncio.create_task(self._export_worker(ex, writer.snapshot_id))
+                       for _ in range(self.tenant.limits.concurrent_requests_per_mailbox)]
+            scan_sem = asyncio.Semaphore(FOLDER_SCANNERS)
+
+            async def scan(folder_id: str) -> None:
+                async with scan_sem:
+                    invalid_before = len(self._invalid)
+                    link = await self._scan(ex, folder_id, prev_links.get(folder_id),
+                                            folders[folder_id].total_item_count)
+                    if link is None:
+                        gone_folders.add(folder_id)
+                    elif len(self._invalid) > invalid_before:
+                        if folder_id in prev_links:
+                            new_links[folder_id] = prev_links[folder_id]
+                    else:
+                        new_links[folder_id] = link
+
+            try:
+                for p in prev_pending:  # what Graph could not serve last time, whatever the delta says now
+                    iid = p.get("item_id")
+                    if iid and iid not in fs.items and p.get("folder_id") in folders:
+                        it = fs.items[iid] = _Item(p["folder_id"])
+                        it.item_type, it.change_key, it.size_hint = p.get("item_type"), p.get("change_key"), p.get("size")
+                        await self._want(iid)
+                await _gather_or_cancel([scan(f) for f in sorted(folders)])
+                await self._drain_exports(ex)
+            finally:
+                await self._stop_workers(workers)
+                await self._flush_checkpoint(force=True)
+            if self._fatal is not None:
+                raise self._fatal
+            for f in gone_folders:
+                del folders[f]
+
+            # the new snapshot: every item present now, with its stream
+            snapshot_id = writer.snapshot_id
+            await self._io(lambda: writer.set_folders([
+                {"folder_id": f.id, "parent_id": f.parent_id, "display_name": f.display_name, "path": list(f.path),
+                 "total_item_count": f.total_item_count} for f in folders.values()]))
+            rows, by_type = [], Counter()
+            skipped, pending = [], []
+            r = self.result
+            counts = Counter()
+            for iid, it in fs.items.items():
+                f = folders.get(it.folder_id)
+                if f is None:
+                    continue
+                if it.content is None or iid in fs.skipped:
+                    reason = fs.skipped.get(iid) or "not exported in this backup"
+                    skipped.append({"item_id": iid, "folder_id": it.folder_id, "folder_path": list(f.path),
+                                    "subject": None, "item_type": it.item_type, "reason": reason, "pending": True,
+                                    "content": "fidelity"})
+                    pending.append({"item_id": iid, "folder_id": it.folder_id, "item_type": it.item_type,
+                                    "change_key": it.change_key, "size": it.size_hint})
+                    if it.content is None:
+                        continue
+                c = it.content
+                by_type[it.item_type or "unknown"] += 1
+                counts["items_new" if not it.in_base else ("items_changed" if it.fetched else "_same")] += 1
+                rows.append({"item_id": iid, "item_type": it.item_type, "folder_id": it.folder_id,
+                             "folder_path": list(f.path), "folder_class": f.folder_class, "change_key": c.change_key,
+                             "created_at": it.created, "last_modified_at": it.modified,
+                             "categories": list(it.categories), "size": c.size, "sha256": c.sha256,
+                             "chunks": c.chunks, "first_snapshot_id": c.first_snapshot_id or snapshot_id})
+                if len(rows) >= 5000:
+                    batch, rows = rows, []
+                    await self._io(lambda batch=batch: writer.add_fidelity_items(batch))
+            if rows or not writer.fidelity_items:
+                await self._io(lambda: writer.add_fidelity_items(rows))
+            present = {i for i, it in fs.items.items() if it.folder_id in folders}
+            r.items_total = sum(by_type.values())
+            r.items_new, r.items_changed = counts["items_new"], counts["items_changed"]
+            r.items_removed = len(fs.base_ids - present)
+            r.items_skipped = len(skipped) + len(self._invalid)
+            r.items_reused = fs.reused
+            r.items_by_type = dict(sorted(by_type.items()))
+            skipped += [{"item_id": None, "folder_id": v["folder_id"], "subject": None,
+                         "folder_path": list(folders[v["folder_id"]].path) if v["folder_id"] in folders else [],
+                         "reason": v["reason"], "pending": False, "content": "fidelity"} for v in self._invalid]
+            r.skipped = skipped
+            stats = {"items_total": r.items_total, "items_new": r.items_new, "items_changed": r.items_changed,
+                     "items_removed": r.items_removed, "items_skipped": r.items_skipped,
+                     "items_reused": r.items_reused, "items_by_type": r.items_by_type,
+                     "bytes_fetched": self.bytes_fetched, "bytes_stored_new": self.bytes_stored_new,
+                     "requests": mb.stats.requests, "throttled": mb.stats.throttled,
+                     "export_requests": mb.stats.by_kind.get("export", 0), "content": "fidelity"}
+            fidelity = {"delta_links": new_links, "pending": pending, "by_type": r.items_by_type,
+                        "folders": {f.id: {"class": f.folder_class, "well_known": f.well_known}
+                                    for f in folders.values()}}
+            info = await self._io(lambda: writer.commit(
+                delta_links={}, stats=stats, skipped=skipped, pending=[], base=base_entry, started_at=started_at,
+                fidelity=fidelity, before_commit=self._lease.renew if self._lease is not None else None))
+        except BaseException:
+            await self._io(writer.abort)
+            raise
+        finally:
+            await ex.aclose()
+        r.snapshot_id = info.snapshot_id
+        r.committed_at = info.committed_at
+        await self._io(lambda: self.repo.clear_checkpoints(user_id))
+        self._report(force=True)
+
+    # -- deltas --------------------------------------------------------------------------------------------
+    async def _scan(self, ex: Any, folder_id: str, link: str | None, item_count: int | None) -> str | None:
+        """One folder's item delta to its end → the new delta link, or None when the folder is gone."""
+        from mailpipe.graph.errors import NotFoundError, ProtocolError, ResyncRequired
+
+        fs = self._fs
+        for _ in range(3):
+            listing = None
+            if link is None:
+                self._listings += 1
+                listing = self._listings
+            try:
+                async for page in ex.item_delta(folder_id, link, page_size=DELTA_PAGE_SIZE, expected_items=item_count):
+                    for iid in page.removed:
+                        fs.remove(folder_id, iid)
+                    for info in page.upserts:
+                        if fs.upsert(folder_id, info, listing):
+                            await self._want(info.id)
+                    for bad in page.invalid:
+                        self._invalid.append({"folder_id": folder_id, **bad})
+                    if page.delta_link:
+                        if listing is not None:
+                            fs.finish_full_listing(folder_id, listing)
+                        return page.delta_link
+                    self._report()
+                raise ProtocolError(f"mailbox {self.upn} export folder {folder_id}: the delta ended without a "
+                                    "deltaLink")
+            except ResyncRequired as e:
+                log.info("%s: folder %s is listed again from scratch: %s", self.upn, folder_id, e)
+                link = None
+            except NotFoundError:
+                if folder_id not in {f.id for f in await ex.folders()}:
+                    log.info("%s: folder %s was deleted during the backup", self.upn, folder_id)
+                    for iid in [i for i, it in fs.items.items() if it.folder_id == folder_id]:
+                        fs.gone(iid)
+                    return None
+                raise
+        raise ProtocolError(f"mailbox {self.upn} export folder {folder_id}: the delta did not settle after 3 "
+                            "listings from scratch")
+
+    # -- exports -------------------------------------------------------------------------------------------
+    async def _want(self, item_id: str) -> None:
+        """Queue an item for export: batches of at most 20 ids and :data:`BATCH_BYTES` of stream."""
+        if self._fatal is not None:
+            raise self._fatal
+        it = self._fs.items.get(item_id)
+        size = it.size_hint if it is not None and it.size_hint is not None else UNKNOWN_SIZE
+        if self._batch and self._batch_bytes + size > BATCH_BYTES:
+            await self._flush_batch()
+        self._batch.append(item_id)
+        self._batch_bytes += size
+        if len(self._batch) >= MAX_BATCH_IDS:
+            await self._flush_batch()
+
+    async def _flush_batch(self) -> None:
+        if self._batch:
+            batch, self._batch, self._batch_bytes = self._batch, [], 0
+            await self._batches.put(batch)
+
+    async def _drain_exports(self, ex: Any) -> None:
+        """Wait for every queued export; then export the deferred items again, up to
+        :data:`ITEM_RETRY_PASSES` times with growing pauses; what still fails is skipped + pending."""
+        await self._settle_exports()
+        for n in range(ITEM_RETRY_PASSES):
+            if not self._deferred or self._fatal is not None:
+                break
+            await asyncio.sleep(self.s.item_retry_delay * 2 ** n)
+            again, self._deferred = self._deferred, {}
+            log.info("%s: exporting %d item(s) again that Graph could not serve", self.upn, len(again))
+            for iid in again:
+                if self._fs.wanted(iid):
+                    await self._want(iid)
+            await self._settle_exports()
+        for iid, reason in self._deferred.items():
+            if iid in self._fs.items:
+                self._fs.skipped[iid] = (f"{reason} (tried {self._tries.get(iid, 1)} times in this backup; the next "
+                                         "backup tries again)")
+
+    async def _settle_exports(self) -> None:
+        await self._flush_batch()
+        while True:
+            await self._batches.join()
+            if not self._side:
+                if not self._batch:
+                    return
+                await self._flush_batch()
+                continue
+            await asyncio.gather(*list(self._side), return_exceptions=True)
+
+    async def _stop_workers(self, workers: list[asyncio.Task[None]]) -> None:
+        while not self._batches.empty():
+            self._batches.get_nowait()
+            self._batches.task_done()
+        for _ in workers:
+            await self._batches.put(None)
+        tasks = [*workers, *self._side]
+        _, late = await asyncio.wait(tasks, timeout=WIND_DOWN_SECONDS) if tasks else (set(), set())
+        for t in late:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _export_worker(self, ex: Any, snapshot_id: str) -> None:
+        while True:
+            batch = await self._batches.get()
+            if batch is None:
+                self._batches.task_done()
+                return
+            try:
+                todo = [i for i in batch if self._fs.wanted(i)]
+                if todo and self._fatal is None:
+                    await self._export(ex, todo)
+            except Exception as e:  # throttling/5xx beyond the retry budget, a refused permission, or a bug
+                self._fatal = self._fatal or e
+            finally:
+                self._batches.task_done()
+
+    async def _export(self, ex: Any, ids: list[str]) -> None:
+        results = await ex.export_items(ids)
+        fs = self._fs
+
+        async def keep(res: Any) -> None:
+            data = res.data
+            self.bytes_fetched += len(data)
+            st = await self._io(lambda: self.repo.put_content(data))
+            self.bytes_stored_new += st.new_stored_bytes
+            it = fs.items.get(res.item_id)
+            if it is None:  # removed by a delta meanwhile
+                return
+            it.content = _Content(res.change_key or it.change_key, st.sha256, list(st.chunks), st.size, None)
+            it.fetched = True
+            self._deferred.pop(res.item_id, None)
+            row = {"item_id": CKPT_PREFIX + res.item_id, "change_key": it.content.change_key, "is_draft": None,
+                   "sha256": st.sha256, "chunks": list(st.chunks), "size": st.size}
+            self._ckpt_rows.append(row)
+            self._journal_rows.append(row)
+
+        ok = [r for r in results if r.ok]
+        await asyncio.gather(*(keep(r) for r in ok))
+        for res in results:
+            if res.ok:
+                continue
+            why = f"{res.error_code}: {res.error_message or 'no message'}"
+            if res.not_found:
+                await self._confirming.acquire()
+                self._spawn(self._confirm_gone(ex, res.item_id, why))
+            elif res.permanent:
+                fs.skipped[res.item_id] = f"permanent: exportItems answered {why}"
+                self._deferred.pop(res.item_id, None)
+            else:
+                self._defer(res.item_id, f"transient: exportItems answered {why}")
+        await self._flush_checkpoint()
+        self._report()
+
+    async def _confirm_gone(self, ex: Any, item_id: str, why: str) -> None:
+        """A per-item ``ErrorItemNotFound``: the item leaves only if a GET of it answers 404 twice, a
+        moment apart (as for ``$value``: Exchange's not-found is not always the truth)."""
+        from mailpipe.graph.errors import GraphError, NotFoundError
+
+        try:
+            it = self._fs.items.get(item_id)
+            if it is None:
+                return
+            for _ in range(2):
+                await asyncio.sleep(self.s.item_retry_delay)
+                try:
+                    await ex.get_item(it.folder_id, item_id)
+                except NotFoundError:
+                    continue
+                except GraphError as e:
+                    self._defer(item_id, f"not-found: exportItems answered {why}, and checking the item failed: {e}")
+                    return
+                self._defer(item_id, f"not-found: exportItems answered {why} although the item exists")
+                return
+            self._fs.gone(item_id)
+            self._deferred.pop(item_id, None)
+        except Exception as e:
+            self._fatal = self._fatal or e
+        finally:
+            self._confirming.release()
