@@ -119,10 +119,6 @@ async def backup_mailboxes(
     """
     from mailpipe.backup.engine import backup_many
 
-    if tenant.content == "both":  # not built yet (docs/CONFIG.md, "Content modes")
-        msg = (f"tenant {tenant.name}: content: both is not supported by backups yet (mime or fidelity); "
-               "nothing was backed up")
-        return [MailboxResult(upn=u.lower(), error=msg, error_kind="permanent") for u in upns]
     return await backup_many(
         tenant, list(upns), settings=settings, skip_if_committed_since=skip_if_committed_since, progress=progress,
         max_parallel_mailboxes=max_parallel_mailboxes, graph_options=graph_options, s3_client=s3_client,

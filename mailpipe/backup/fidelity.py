@@ -143,170 +143,168 @@ class FidelityState:
         return it is not None and (it.content is None or it.content.change_key != it.change_key)
 
 
-class FidelityBackup(MailboxBackup):
-    """One mailbox through the export API (see the module docstring)."""
+class FidelityPart:
+    """The export API's side of one mailbox backup: its base, deltas, batched exports and the rows it commits.
+    Run on its own (:class:`FidelityBackup`, ``content: fidelity``) or beside the MIME backup of the same
+    mailbox (:class:`BothBackup`, ``content: both``): it shares the job's repository, thread pool, mailbox
+    limiter and checkpoints, and keeps its own queue, retries and state."""
 
-    def __init__(self, *a: Any, **kw: Any) -> None:
-        super().__init__(*a, **kw)
+    def __init__(self, job: MailboxBackup, mb: Any) -> None:
+        from mailpipe.backup.engine import CONFIRMATIONS
+        from mailpipe.graph.export import MailboxExport
+
+        self.job = job
+        self.mb = mb
+        self.ex = MailboxExport(mb)
+        self.fs = FidelityState()
         self._batch: list[str] = []
         self._batch_bytes = 0
         self._batches: asyncio.Queue[list[str] | None] = asyncio.Queue(maxsize=8)
-        self._fs = FidelityState()
-        self.export_requests = 0
+        self._deferred: dict[str, str] = {}
+        self._tries: dict[str, int] = {}
+        self._side: set[asyncio.Task[Any]] = set()
+        self._confirming = asyncio.Semaphore(CONFIRMATIONS)
+        self._invalid: list[dict[str, Any]] = []
+        self._listings = 0
+        self._fatal: BaseException | None = None
+        self.prev_links: dict[str, str] = {}
+        self.prev_pending: list[dict[str, Any]] = []
+        self.folders: dict[str, Any] = {}
+        self.new_links: dict[str, str] = {}
 
-    # -- the middle of the backup -------------------------------------------------------------------------
-    async def _backup(self, mb: Any, state: Any) -> None:  # noqa: C901 - one flow, read top to bottom
-        from mailpipe.graph.export import MailboxExport, check_permissions
+    @property
+    def upn(self) -> str:
+        return self.job.upn
+
+    async def load(self, base: Any) -> None:
+        """The base snapshot's streams and links, and the streams an interrupted backup checkpointed."""
+        from mailpipe.graph.export import check_permissions
         from mailpipe.repo.repository import IntegrityError, RepositoryError
 
-        user_id = self.result.user_id
-        started_at = datetime.now(timezone.utc)
-        self._verify_slice = {}
-        await check_permissions(mb, "fidelity")
-        ex = MailboxExport(mb)
-        fs = self._fs
-        base, base_entry = await self._load_base(state)  # MIME rows (none in a fidelity snapshot) + base record
+        job, fs = self.job, self.fs
+        user_id = job.result.user_id
+        await check_permissions(self.mb, "fidelity")
         fid = dict(base.fidelity or {}) if base is not None else {}
-        prev_links: dict[str, str] = dict(fid.get("delta_links") or {})
-        prev_pending: list[dict[str, Any]] = list(fid.get("pending") or [])
+        self.prev_links = dict(fid.get("delta_links") or {})
+        self.prev_pending = list(fid.get("pending") or [])
         if base is not None and "fidelity.parquet" in base.files:
             try:
-                await self._stream_into(lambda: self.repo.iter_fidelity(user_id, base.snapshot_id, tmp_dir=self.work),
-                                        fs.load_base)
+                await job._stream_into(lambda: job.repo.iter_fidelity(user_id, base.snapshot_id, tmp_dir=job.work),
+                                       fs.load_base)
             except (IntegrityError, RepositoryError) as e:
-                self._warn(f"the fidelity streams of snapshot {base.snapshot_id} cannot be read ({e}); every folder "
-                           "is listed from scratch")
-                fs.__init__()
-                prev_links, prev_pending = {}, []
-        stored = self.repo.chunk_is_reusable
-        n_ckpt = await self._stream_into(
-            lambda: self.repo.iter_checkpoint_rows(user_id, tmp_dir=self.work),
+                job._warn(f"the fidelity streams of snapshot {base.snapshot_id} cannot be read ({e}); every folder "
+                          "is listed from scratch")
+                self.fs = fs = FidelityState()
+                self.prev_links, self.prev_pending = {}, []
+        stored = job.repo.chunk_is_reusable
+        n_ckpt = await job._stream_into(
+            lambda: job.repo.iter_checkpoint_rows(user_id, tmp_dir=job.work),
             lambda rows: fs.load_known([r for r in rows if all(stored(h) for h in (r.get("chunks") or []))]))
         if n_ckpt:
             log.info("%s: resuming: %d streams stored by an interrupted backup", self.upn, n_ckpt)
+        self.folders = {f.id: f for f in await self.ex.folders()}
 
-        folders = {f.id: f for f in await ex.folders()}
-        ids = await self._io(lambda: self.repo.snapshot_ids(user_id))
-        writer = await self._io(lambda: self.repo.begin_snapshot(
-            user_id, self.upn, after=ids[-1] if ids else "", tmp_dir=self.work))
+    async def run(self) -> None:
+        """Every folder's item delta, the exports they call for, and the retries of what Graph could not serve."""
+        fs, folders = self.fs, self.folders
+        gone_folders: set[str] = set()
+        workers = [asyncio.create_task(self._export_worker())
+                   for _ in range(self.job.tenant.limits.concurrent_requests_per_mailbox)]
+        scan_sem = asyncio.Semaphore(FOLDER_SCANNERS)
+
+        async def scan(folder_id: str) -> None:
+            async with scan_sem:
+                invalid_before = len(self._invalid)
+                link = await self._scan(folder_id, self.prev_links.get(folder_id), folders[folder_id].total_item_count)
+                if link is None:
+                    gone_folders.add(folder_id)
+                elif len(self._invalid) > invalid_before:
+                    if folder_id in self.prev_links:  # the link does not advance: those changes are read again
+                        self.new_links[folder_id] = self.prev_links[folder_id]
+                else:
+                    self.new_links[folder_id] = link
+
         try:
-            new_links: dict[str, str] = {}
-            gone_folders: set[str] = set()
-            workers = [asyncio.create_task(self._export_worker(ex, writer.snapshot_id))
-                       for _ in range(self.tenant.limits.concurrent_requests_per_mailbox)]
-            scan_sem = asyncio.Semaphore(FOLDER_SCANNERS)
-
-            async def scan(folder_id: str) -> None:
-                async with scan_sem:
-                    invalid_before = len(self._invalid)
-                    link = await self._scan(ex, folder_id, prev_links.get(folder_id),
-                                            folders[folder_id].total_item_count)
-                    if link is None:
-                        gone_folders.add(folder_id)
-                    elif len(self._invalid) > invalid_before:
-                        if folder_id in prev_links:
-                            new_links[folder_id] = prev_links[folder_id]
-                    else:
-                        new_links[folder_id] = link
-
-            try:
-                for p in prev_pending:  # what Graph could not serve last time, whatever the delta says now
-                    iid = p.get("item_id")
-                    if iid and iid not in fs.items and p.get("folder_id") in folders:
-                        it = fs.items[iid] = _Item(p["folder_id"])
-                        it.item_type, it.change_key, it.size_hint = p.get("item_type"), p.get("change_key"), p.get("size")
-                        await self._want(iid)
-                await _gather_or_cancel([scan(f) for f in sorted(folders)])
-                await self._drain_exports(ex)
-            finally:
-                await self._stop_workers(workers)
-                await self._flush_checkpoint(force=True)
-            if self._fatal is not None:
-                raise self._fatal
-            for f in gone_folders:
-                del folders[f]
-
-            # the new snapshot: every item present now, with its stream
-            snapshot_id = writer.snapshot_id
-            await self._io(lambda: writer.set_folders([
-                {"folder_id": f.id, "parent_id": f.parent_id, "display_name": f.display_name, "path": list(f.path),
-                 "total_item_count": f.total_item_count} for f in folders.values()]))
-            rows, by_type = [], Counter()
-            skipped, pending = [], []
-            r = self.result
-            counts = Counter()
-            for iid, it in fs.items.items():
-                f = folders.get(it.folder_id)
-                if f is None:
-                    continue
-                if it.content is None or iid in fs.skipped:
-                    reason = fs.skipped.get(iid) or "not exported in this backup"
-                    skipped.append({"item_id": iid, "folder_id": it.folder_id, "folder_path": list(f.path),
-                                    "subject": None, "item_type": it.item_type, "reason": reason, "pending": True,
-                                    "content": "fidelity"})
-                    pending.append({"item_id": iid, "folder_id": it.folder_id, "item_type": it.item_type,
-                                    "change_key": it.change_key, "size": it.size_hint})
-                    if it.content is None:
-                        continue
-                c = it.content
-                by_type[it.item_type or "unknown"] += 1
-                counts["items_new" if not it.in_base else ("items_changed" if it.fetched else "_same")] += 1
-                rows.append({"item_id": iid, "item_type": it.item_type, "folder_id": it.folder_id,
-                             "folder_path": list(f.path), "folder_class": f.folder_class, "change_key": c.change_key,
-                             "created_at": it.created, "last_modified_at": it.modified,
-                             "categories": list(it.categories), "size": c.size, "sha256": c.sha256,
-                             "chunks": c.chunks, "first_snapshot_id": c.first_snapshot_id or snapshot_id})
-                if len(rows) >= 5000:
-                    batch, rows = rows, []
-                    await self._io(lambda batch=batch: writer.add_fidelity_items(batch))
-            if rows or not writer.fidelity_items:
-                await self._io(lambda: writer.add_fidelity_items(rows))
-            present = {i for i, it in fs.items.items() if it.folder_id in folders}
-            r.items_total = sum(by_type.values())
-            r.items_new, r.items_changed = counts["items_new"], counts["items_changed"]
-            r.items_removed = len(fs.base_ids - present)
-            r.items_skipped = len(skipped) + len(self._invalid)
-            r.items_reused = fs.reused
-            r.items_by_type = dict(sorted(by_type.items()))
-            skipped += [{"item_id": None, "folder_id": v["folder_id"], "subject": None,
-                         "folder_path": list(folders[v["folder_id"]].path) if v["folder_id"] in folders else [],
-                         "reason": v["reason"], "pending": False, "content": "fidelity"} for v in self._invalid]
-            r.skipped = skipped
-            stats = {"items_total": r.items_total, "items_new": r.items_new, "items_changed": r.items_changed,
-                     "items_removed": r.items_removed, "items_skipped": r.items_skipped,
-                     "items_reused": r.items_reused, "items_by_type": r.items_by_type,
-                     "bytes_fetched": self.bytes_fetched, "bytes_stored_new": self.bytes_stored_new,
-                     "requests": mb.stats.requests, "throttled": mb.stats.throttled,
-                     "export_requests": mb.stats.by_kind.get("export", 0), "content": "fidelity"}
-            fidelity = {"delta_links": new_links, "pending": pending, "by_type": r.items_by_type,
-                        "folders": {f.id: {"class": f.folder_class, "well_known": f.well_known}
-                                    for f in folders.values()}}
-            info = await self._io(lambda: writer.commit(
-                delta_links={}, stats=stats, skipped=skipped, pending=[], base=base_entry, started_at=started_at,
-                fidelity=fidelity, before_commit=self._lease.renew if self._lease is not None else None))
-        except BaseException:
-            await self._io(writer.abort)
-            raise
+            for p in self.prev_pending:  # what Graph could not serve last time, whatever the delta says now
+                iid = p.get("item_id")
+                if iid and iid not in fs.items and p.get("folder_id") in folders:
+                    it = fs.items[iid] = _Item(p["folder_id"])
+                    it.item_type, it.change_key, it.size_hint = p.get("item_type"), p.get("change_key"), p.get("size")
+                    await self._want(iid)
+            await _gather_or_cancel([scan(f) for f in sorted(folders)])
+            await self._drain_exports()
         finally:
-            await ex.aclose()
-        r.snapshot_id = info.snapshot_id
-        r.committed_at = info.committed_at
-        await self._io(lambda: self.repo.clear_checkpoints(user_id))
-        self._report(force=True)
+            await self._stop_workers(workers)
+        if self._fatal is not None:
+            raise self._fatal
+        for f in gone_folders:
+            del folders[f]
+
+    async def abort(self) -> None:
+        await self.ex.aclose()
+
+    async def commit_rows(self, writer: Any) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+        """Write the snapshot's ``fidelity.parquet`` rows; → (the commit record's ``fidelity``, skipped entries,
+        figures)."""
+        fs, folders, job = self.fs, self.folders, self.job
+        snapshot_id = writer.snapshot_id
+        rows: list[dict[str, Any]] = []
+        by_type: Counter[str] = Counter()
+        skipped, pending = [], []
+        counts: Counter[str] = Counter()
+        for iid, it in fs.items.items():
+            f = folders.get(it.folder_id)
+            if f is None:
+                continue
+            if it.content is None or iid in fs.skipped:
+                reason = fs.skipped.get(iid) or "not exported in this backup"
+                skipped.append({"item_id": iid, "folder_id": it.folder_id, "folder_path": list(f.path),
+                                "subject": None, "item_type": it.item_type, "reason": reason, "pending": True,
+                                "content": "fidelity"})
+                pending.append({"item_id": iid, "folder_id": it.folder_id, "item_type": it.item_type,
+                                "change_key": it.change_key, "size": it.size_hint})
+                if it.content is None:
+                    continue
+            c = it.content
+            by_type[it.item_type or "unknown"] += 1
+            counts["items_new" if not it.in_base else ("items_changed" if it.fetched else "_same")] += 1
+            rows.append({"item_id": iid, "item_type": it.item_type, "folder_id": it.folder_id,
+                         "folder_path": list(f.path), "folder_class": f.folder_class, "change_key": c.change_key,
+                         "created_at": it.created, "last_modified_at": it.modified,
+                         "categories": list(it.categories), "size": c.size, "sha256": c.sha256,
+                         "chunks": c.chunks, "first_snapshot_id": c.first_snapshot_id or snapshot_id})
+            if len(rows) >= 5000:
+                batch, rows = rows, []
+                await job._io(lambda batch=batch: writer.add_fidelity_items(batch))
+        if rows or not writer.fidelity_items:
+            await job._io(lambda: writer.add_fidelity_items(rows))
+        present = {i for i, it in fs.items.items() if it.folder_id in folders}
+        skipped += [{"item_id": None, "folder_id": v["folder_id"], "subject": None,
+                     "folder_path": list(folders[v["folder_id"]].path) if v["folder_id"] in folders else [],
+                     "reason": v["reason"], "pending": False, "content": "fidelity"} for v in self._invalid]
+        figures = {"items_total": sum(by_type.values()), "items_new": counts["items_new"],
+                   "items_changed": counts["items_changed"], "items_removed": len(fs.base_ids - present),
+                   "items_skipped": len(skipped), "items_reused": fs.reused,
+                   "items_by_type": dict(sorted(by_type.items()))}
+        fidelity = {"delta_links": self.new_links, "pending": pending, "by_type": figures["items_by_type"],
+                    "folders": {f.id: {"class": f.folder_class, "well_known": f.well_known} for f in folders.values()}}
+        await self.ex.aclose()
+        return fidelity, skipped, figures
 
     # -- deltas --------------------------------------------------------------------------------------------
-    async def _scan(self, ex: Any, folder_id: str, link: str | None, item_count: int | None) -> str | None:
+    async def _scan(self, folder_id: str, link: str | None, item_count: int | None) -> str | None:
         """One folder's item delta to its end → the new delta link, or None when the folder is gone."""
         from mailpipe.graph.errors import NotFoundError, ProtocolError, ResyncRequired
 
-        fs = self._fs
+        fs = self.fs
         for _ in range(3):
             listing = None
             if link is None:
                 self._listings += 1
                 listing = self._listings
             try:
-                async for page in ex.item_delta(folder_id, link, page_size=DELTA_PAGE_SIZE, expected_items=item_count):
+                async for page in self.ex.item_delta(folder_id, link, page_size=DELTA_PAGE_SIZE,
+                                                     expected_items=item_count):
                     for iid in page.removed:
                         fs.remove(folder_id, iid)
                     for info in page.upserts:
@@ -318,14 +316,14 @@ class FidelityBackup(MailboxBackup):
                         if listing is not None:
                             fs.finish_full_listing(folder_id, listing)
                         return page.delta_link
-                    self._report()
+                    self.job._report()
                 raise ProtocolError(f"mailbox {self.upn} export folder {folder_id}: the delta ended without a "
                                     "deltaLink")
             except ResyncRequired as e:
                 log.info("%s: folder %s is listed again from scratch: %s", self.upn, folder_id, e)
                 link = None
             except NotFoundError:
-                if folder_id not in {f.id for f in await ex.folders()}:
+                if folder_id not in {f.id for f in await self.ex.folders()}:
                     log.info("%s: folder %s was deleted during the backup", self.upn, folder_id)
                     for iid in [i for i, it in fs.items.items() if it.folder_id == folder_id]:
                         fs.gone(iid)
@@ -339,7 +337,7 @@ class FidelityBackup(MailboxBackup):
         """Queue an item for export: batches of at most 20 ids and :data:`BATCH_BYTES` of stream."""
         if self._fatal is not None:
             raise self._fatal
-        it = self._fs.items.get(item_id)
+        it = self.fs.items.get(item_id)
         size = it.size_hint if it is not None and it.size_hint is not None else UNKNOWN_SIZE
         if self._batch and self._batch_bytes + size > BATCH_BYTES:
             await self._flush_batch()
@@ -353,24 +351,33 @@ class FidelityBackup(MailboxBackup):
             batch, self._batch, self._batch_bytes = self._batch, [], 0
             await self._batches.put(batch)
 
-    async def _drain_exports(self, ex: Any) -> None:
+    def _defer(self, item_id: str, reason: str) -> None:
+        self._deferred[item_id] = reason
+        self._tries[item_id] = self._tries.get(item_id, 0) + 1
+
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.ensure_future(coro)
+        self._side.add(t)
+        t.add_done_callback(self._side.discard)
+
+    async def _drain_exports(self) -> None:
         """Wait for every queued export; then export the deferred items again, up to
         :data:`ITEM_RETRY_PASSES` times with growing pauses; what still fails is skipped + pending."""
         await self._settle_exports()
         for n in range(ITEM_RETRY_PASSES):
             if not self._deferred or self._fatal is not None:
                 break
-            await asyncio.sleep(self.s.item_retry_delay * 2 ** n)
+            await asyncio.sleep(self.job.s.item_retry_delay * 2 ** n)
             again, self._deferred = self._deferred, {}
             log.info("%s: exporting %d item(s) again that Graph could not serve", self.upn, len(again))
             for iid in again:
-                if self._fs.wanted(iid):
+                if self.fs.wanted(iid):
                     await self._want(iid)
             await self._settle_exports()
         for iid, reason in self._deferred.items():
-            if iid in self._fs.items:
-                self._fs.skipped[iid] = (f"{reason} (tried {self._tries.get(iid, 1)} times in this backup; the next "
-                                         "backup tries again)")
+            if iid in self.fs.items:
+                self.fs.skipped[iid] = (f"{reason} (tried {self._tries.get(iid, 1)} times in this backup; the next "
+                                        "backup tries again)")
 
     async def _settle_exports(self) -> None:
         await self._flush_batch()
@@ -395,30 +402,30 @@ class FidelityBackup(MailboxBackup):
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _export_worker(self, ex: Any, snapshot_id: str) -> None:
+    async def _export_worker(self) -> None:
         while True:
             batch = await self._batches.get()
             if batch is None:
                 self._batches.task_done()
                 return
             try:
-                todo = [i for i in batch if self._fs.wanted(i)]
-                if todo and self._fatal is None:
-                    await self._export(ex, todo)
+                todo = [i for i in batch if self.fs.wanted(i)]
+                if todo and self._fatal is None and self.job._fatal is None:
+                    await self._export(todo)
             except Exception as e:  # throttling/5xx beyond the retry budget, a refused permission, or a bug
                 self._fatal = self._fatal or e
             finally:
                 self._batches.task_done()
 
-    async def _export(self, ex: Any, ids: list[str]) -> None:
-        results = await ex.export_items(ids)
-        fs = self._fs
+    async def _export(self, ids: list[str]) -> None:
+        job, fs = self.job, self.fs
+        results = await self.ex.export_items(ids)
 
         async def keep(res: Any) -> None:
             data = res.data
-            self.bytes_fetched += len(data)
-            st = await self._io(lambda: self.repo.put_content(data))
-            self.bytes_stored_new += st.new_stored_bytes
+            job.bytes_fetched += len(data)
+            st = await job._io(lambda: job.repo.put_content(data))
+            job.bytes_stored_new += st.new_stored_bytes
             it = fs.items.get(res.item_id)
             if it is None:  # removed by a delta meanwhile
                 return
@@ -427,39 +434,38 @@ class FidelityBackup(MailboxBackup):
             self._deferred.pop(res.item_id, None)
             row = {"item_id": CKPT_PREFIX + res.item_id, "change_key": it.content.change_key, "is_draft": None,
                    "sha256": st.sha256, "chunks": list(st.chunks), "size": st.size}
-            self._ckpt_rows.append(row)
-            self._journal_rows.append(row)
+            job._ckpt_rows.append(row)
+            job._journal_rows.append(row)
 
-        ok = [r for r in results if r.ok]
-        await asyncio.gather(*(keep(r) for r in ok))
+        await asyncio.gather(*(keep(r) for r in results if r.ok))
         for res in results:
             if res.ok:
                 continue
             why = f"{res.error_code}: {res.error_message or 'no message'}"
             if res.not_found:
                 await self._confirming.acquire()
-                self._spawn(self._confirm_gone(ex, res.item_id, why))
+                self._spawn(self._confirm_gone(res.item_id, why))
             elif res.permanent:
                 fs.skipped[res.item_id] = f"permanent: exportItems answered {why}"
                 self._deferred.pop(res.item_id, None)
             else:
                 self._defer(res.item_id, f"transient: exportItems answered {why}")
-        await self._flush_checkpoint()
-        self._report()
+        await job._flush_checkpoint()
+        job._report()
 
-    async def _confirm_gone(self, ex: Any, item_id: str, why: str) -> None:
+    async def _confirm_gone(self, item_id: str, why: str) -> None:
         """A per-item ``ErrorItemNotFound``: the item leaves only if a GET of it answers 404 twice, a
         moment apart (as for ``$value``: Exchange's not-found is not always the truth)."""
         from mailpipe.graph.errors import GraphError, NotFoundError
 
         try:
-            it = self._fs.items.get(item_id)
+            it = self.fs.items.get(item_id)
             if it is None:
                 return
             for _ in range(2):
-                await asyncio.sleep(self.s.item_retry_delay)
+                await asyncio.sleep(self.job.s.item_retry_delay)
                 try:
-                    await ex.get_item(it.folder_id, item_id)
+                    await self.ex.get_item(it.folder_id, item_id)
                 except NotFoundError:
                     continue
                 except GraphError as e:
@@ -467,9 +473,79 @@ class FidelityBackup(MailboxBackup):
                     return
                 self._defer(item_id, f"not-found: exportItems answered {why} although the item exists")
                 return
-            self._fs.gone(item_id)
+            self.fs.gone(item_id)
             self._deferred.pop(item_id, None)
         except Exception as e:
             self._fatal = self._fatal or e
         finally:
             self._confirming.release()
+
+
+class FidelityBackup(MailboxBackup):
+    """``content: fidelity``: one mailbox through the export API only (see the module docstring)."""
+
+    async def _backup(self, mb: Any, state: Any) -> None:
+        user_id = self.result.user_id
+        started_at = datetime.now(timezone.utc)
+        part = FidelityPart(self, mb)
+        base, base_entry = await self._load_base(state)  # MIME rows (none in a fidelity snapshot) + base record
+        await part.load(base)
+        ids = await self._io(lambda: self.repo.snapshot_ids(user_id))
+        writer = await self._io(lambda: self.repo.begin_snapshot(
+            user_id, self.upn, after=ids[-1] if ids else "", tmp_dir=self.work))
+        try:
+            try:
+                await part.run()
+            finally:
+                await self._flush_checkpoint(force=True)
+            if self._fatal is not None:
+                raise self._fatal
+            folders = part.folders
+            await self._io(lambda: writer.set_folders([
+                {"folder_id": f.id, "parent_id": f.parent_id, "display_name": f.display_name, "path": list(f.path),
+                 "total_item_count": f.total_item_count} for f in folders.values()]))
+            fidelity, skipped, figures = await part.commit_rows(writer)
+            r = self.result
+            for k, v in figures.items():
+                setattr(r, k, v)
+            r.skipped = skipped
+            stats = {**figures, "bytes_fetched": self.bytes_fetched, "bytes_stored_new": self.bytes_stored_new,
+                     "requests": mb.stats.requests, "throttled": mb.stats.throttled,
+                     "export_requests": mb.stats.by_kind.get("export", 0), "content": "fidelity"}
+            info = await self._io(lambda: writer.commit(
+                delta_links={}, stats=stats, skipped=skipped, pending=[], base=base_entry, started_at=started_at,
+                fidelity=fidelity, before_commit=self._lease.renew if self._lease is not None else None))
+        except BaseException:
+            await self._io(writer.abort)
+            await part.abort()
+            raise
+        r.snapshot_id = info.snapshot_id
+        r.committed_at = info.committed_at
+        await self._io(lambda: self.repo.clear_checkpoints(user_id))
+        self._report(force=True)
+
+
+class BothBackup(MailboxBackup):
+    """``content: both``: the MIME backup of the mailbox's messages and, beside it through the same limiter,
+    the export API's streams of every item, committed in one snapshot (``manifest.parquet`` and
+    ``fidelity.parquet``)."""
+
+    async def _companion_start(self, mb: Any, base: Any) -> None:
+        self._part = FidelityPart(self, mb)
+        await self._part.load(base)
+        self._part_task = asyncio.create_task(self._part.run())
+
+    async def _companion_finish(self, writer: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        await self._part_task
+        fidelity, skipped, figures = await self._part.commit_rows(writer)
+        self.result.items_by_type = figures["items_by_type"]
+        fidelity["figures"] = {k: v for k, v in figures.items() if k != "items_by_type"}
+        return fidelity, skipped
+
+    async def _companion_abort(self) -> None:
+        task = getattr(self, "_part_task", None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if getattr(self, "_part", None) is not None:
+            await self._part.abort()
