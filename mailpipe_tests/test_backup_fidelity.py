@@ -91,6 +91,12 @@ def test_rounds_of_changes_and_faults_match_ground_truth_for_every_item_type(sim
     for snaps, truth in history:  # earlier snapshots still hold exactly what was there at their time
         for upn, (uid, sid) in snaps.items():
             assert fidelity_items(repo, uid, sid, verify=False) == truth_fidelity(truth, upn)
+    # and `mailpipe check --read-data` reads every fidelity.parquet and every chunk its rows name
+    from mailpipe.repo.check import check_repository
+
+    chk = check_repository(repo, repo.list_mailboxes(), read_data=True)
+    assert chk.ok and chk.snapshots == 4 * len(upns), chk.problems[:5]
+    assert chk.items == sum(len(truth_fidelity(t_, u)) for _, t_ in history for u in upns)
     st = sim.stats()
     assert sum(st["faults_injected"][u].get("export_item_error", 0) for u in upns) > 0
     # 20 items per exportItems request: the first round exported every item in about 1/20 as many requests
@@ -246,3 +252,7 @@ def test_both_mode_stores_byte_exact_mime_of_messages_and_the_stream_of_every_it
     r = results[0]
     out = export_snapshot(repo, r.user_id, "latest", str(tmp_path / "eml"), fmt="eml")
     assert out.items == len(truth["mailboxes"][r.upn]["items"])
+    from mailpipe.repo.check import check_repository
+
+    chk = check_repository(repo, repo.list_mailboxes(), read_data=True)
+    assert chk.ok, chk.problems[:5]

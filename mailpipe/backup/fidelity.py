@@ -500,10 +500,7 @@ class FidelityBackup(MailboxBackup):
                 await self._flush_checkpoint(force=True)
             if self._fatal is not None:
                 raise self._fatal
-            folders = part.folders
-            await self._io(lambda: writer.set_folders([
-                {"folder_id": f.id, "parent_id": f.parent_id, "display_name": f.display_name, "path": list(f.path),
-                 "total_item_count": f.total_item_count} for f in folders.values()]))
+            await self._io(lambda: writer.set_folders(_folder_rows(part.folders)))
             fidelity, skipped, figures = await part.commit_rows(writer)
             r = self.result
             for k, v in figures.items():
@@ -537,6 +534,8 @@ class BothBackup(MailboxBackup):
 
     async def _companion_finish(self, writer: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         await self._part_task
+        # folders.parquet lists every folder of the mailbox: the mail folders, and the export API's others
+        writer.add_folders(_folder_rows(self._part.folders))
         fidelity, skipped, figures = await self._part.commit_rows(writer)
         self.result.items_by_type = figures["items_by_type"]
         fidelity["figures"] = {k: v for k, v in figures.items() if k != "items_by_type"}
@@ -549,3 +548,9 @@ class BothBackup(MailboxBackup):
             await asyncio.gather(task, return_exceptions=True)
         if getattr(self, "_part", None) is not None:
             await self._part.abort()
+
+
+def _folder_rows(folders: dict[str, Any]) -> list[dict[str, Any]]:
+    """``folders.parquet`` rows of the export API's folders (every class)."""
+    return [{"folder_id": f.id, "parent_id": f.parent_id, "display_name": f.display_name, "path": list(f.path),
+             "total_item_count": f.total_item_count} for f in folders.values()]

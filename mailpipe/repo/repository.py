@@ -1345,6 +1345,11 @@ class SnapshotWriter:
     def set_folders(self, rows: list[dict[str, Any]]) -> None:
         self._folders = list(rows)
 
+    def add_folders(self, rows: list[dict[str, Any]]) -> None:
+        """More rows of ``folders.parquet``: those whose ``folder_id`` is not listed yet."""
+        have = {r["folder_id"] for r in self._folders}
+        self._folders += [r for r in rows if r["folder_id"] not in have]
+
     def add_fidelity_items(self, rows: list[dict[str, Any]]) -> None:
         """Rows of ``fidelity.parquet`` (:data:`FIDELITY`): the full-fidelity streams of the export API."""
         if self._fidelity_writer is None:
@@ -1393,7 +1398,8 @@ class SnapshotWriter:
         )
         if fidelity is not None or "fidelity.parquet" in files:
             # a snapshot's items: the messages' MIME rows, or, with the export API, every item's stream
-            info.fidelity = {**(fidelity or {}), "items": self.fidelity_items, "size_bytes": self.fidelity_bytes}
+            info.fidelity = {**(fidelity or {}), "items": self.fidelity_items, "size_bytes": self.fidelity_bytes,
+                             "manifest_items": self.items}
             info.items = max(self.items, self.fidelity_items)
             info.size_bytes = self.size_bytes + self.fidelity_bytes
         if before_commit is not None:
