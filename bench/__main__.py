@@ -1,6 +1,6 @@
 """Run every benchmark and print their figures: `.venv/bin/python -m bench` (or `make bench`)."""
 
-from bench import backup_bench, chaos, dagster_bench, format_bench, repo_bench, restore_bench, sim_rps
+from bench import backup_bench, chaos, dagster_bench, fidelity_bench, format_bench, repo_bench, restore_bench, sim_rps
 
 if __name__ == "__main__":
     sim_rps.main()
@@ -16,3 +16,5 @@ if __name__ == "__main__":
     format_bench.main([])
     print()
     chaos.main([])
+    print()
+    fidelity_bench.main([])
