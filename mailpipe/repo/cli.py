@@ -101,7 +101,8 @@ _TYPE_NAMES = {"IPM.Note": "mail", "IPM.Appointment": "calendar", "IPM.Contact":
 
 
 def by_type(s) -> str:
-    """``mime: mail 1,234`` or ``fidelity: mail 1,200, calendar 80, contacts 40, tasks 12``."""
+    """``mime: mail 1,234``, ``fidelity: mail 1,200, calendar 80, contacts 40, tasks 12`` or ``both: ...`` (the
+    streams' counts; the messages' MIME too)."""
     if not s.fidelity:
         return f"mime: mail {s.items:,}"
     counts: dict[str, int] = {}
@@ -110,7 +111,8 @@ def by_type(s) -> str:
         counts[name] = counts.get(name, 0) + int(n)
     order = list(_TYPE_NAMES.values())
     parts = sorted(counts.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
-    return "fidelity: " + (", ".join(f"{k} {v:,}" for k, v in parts) or "no items")
+    mode = "both" if (s.stats or {}).get("content") == "both" else "fidelity"  # both: MIME of the messages too
+    return f"{mode}: " + (", ".join(f"{k} {v:,}" for k, v in parts) or "no items")
 
 
 def _check(args: argparse.Namespace) -> int:
