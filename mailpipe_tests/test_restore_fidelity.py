@@ -142,3 +142,34 @@ def test_mailbox_restore_job_restores_a_fidelity_snapshot(tmp_path, monkeypatch,
     [run] = inst.get_run_records(dg.RunsFilter(job_name="mailbox_restore_job"))
     assert run.dagster_run.status == dg.DagsterRunStatus.SUCCESS
     inst.dispose()
+
+
+def test_an_expired_import_session_is_replaced(sim_factory, tmp_path):
+    """Import URLs carry their own short-lived token. A restore replaces its session before it expires, and
+    when its URL answers 401 (here: every session of the mailbox expired mid-restore) it gets a new one and
+    goes on — nothing fails, nothing is imported twice."""
+    import threading
+    import time
+
+    sim = sim_factory(users=2, messages_per_mailbox=30, other_items=12, seed=46, faults=FaultConfig(latency_ms=100))
+    a, b = [u for u in mailbox_upns(sim) if not u.startswith("shared")][:2]
+    t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
+    ra, = backup(t, [a])
+
+    def expire_midway() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if sim.stats()["imported_items"].get(b, 0) >= 5:
+                sim.expire_import_sessions(b)
+                return
+            time.sleep(0.005)
+
+    th = threading.Thread(target=expire_midway, daemon=True)
+    th.start()
+    res = restore(t, upn=a, to=b, into="Late")
+    th.join(5)
+    assert res.ok and res.failed_count == 0 and res.restored == ra.items_total, (res.error, res.failed[:3])
+    st = sim.stats()
+    assert st["import_expired"][b] >= 1 and st["import_sessions"][b] >= 2
+    new = [i for i in fid_truth(sim, b)["items"] if i["folder_path"][:1] == ["Late"]]
+    assert len(new) == ra.items_total

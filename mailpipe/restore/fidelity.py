@@ -104,6 +104,7 @@ class FidelityRestoreJob(RestoreJob):
                 self._sha: dict[str, str] = {}                             # target item → its stream's sha256
                 self._locks: dict[str, asyncio.Lock] = {}
                 self._session: Any = None
+                self._session_life = SESSION_MARGIN_SECONDS * 4
                 self._session_lock = asyncio.Lock()
                 await self._import_session()  # a missing permission fails the restore here, not item by item
                 await self._items(ex, folder_ids, {}, done, rid)
@@ -179,11 +180,17 @@ class FidelityRestoreJob(RestoreJob):
         self._sha[item_id] = sha256
 
     async def _import_session(self, renew: bool = False) -> Any:
+        """The import session to use: a new one when there is none, when asked (its URL's token was refused),
+        or when it expires within a quarter of its lifetime (at most :data:`SESSION_MARGIN_SECONDS`)."""
         async with self._session_lock:
             s = self._session
-            left = (s.expires_at - datetime.now(timezone.utc)).total_seconds() if s and s.expires_at else None
-            if renew or s is None or (left is not None and left < SESSION_MARGIN_SECONDS):
+            now = datetime.now(timezone.utc)
+            left = (s.expires_at - now).total_seconds() if s and s.expires_at else None
+            margin = min(SESSION_MARGIN_SECONDS, self._session_life / 4)
+            if renew or s is None or (left is not None and left < margin):
                 self._session = await self._ex.create_import_session()
+                exp = self._session.expires_at
+                self._session_life = (exp - now).total_seconds() if exp else SESSION_MARGIN_SECONDS * 4
             return self._session
 
     async def _one(self, ex: Any, row: dict[str, Any], folder_ids: dict[tuple[str, ...], str],

@@ -104,6 +104,9 @@ class _Endpoint:
     def expire_delta_tokens(self, user: str) -> None:
         self._admin("POST", "expire_delta_tokens", {"user": user})
 
+    def expire_import_sessions(self, user: str) -> int:
+        return self._admin("POST", "expire_import_sessions", {"user": user})["expired"]
+
     def revoke_tokens(self) -> None:
         self._admin("POST", "revoke_tokens", {})
 
@@ -191,6 +194,14 @@ class Simulator(_Endpoint):
 
     def expire_delta_tokens(self, user: str) -> None:
         self.model.mutate(user, [{"op": "expire_delta_tokens"}])
+
+    def expire_import_sessions(self, user: str) -> int:
+        from mailpipe.sim import export_api
+
+        async def call() -> int:  # on the server's loop: no request sees half of it
+            return export_api.expire_sessions(self.server, user)
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(30)
 
     def revoke_tokens(self) -> None:
         self.server.revoke_tokens()

@@ -318,6 +318,17 @@ def create_import_session(srv: SimServer, mb: Mailbox) -> web.Response:
         "expirationDateTime": expires}, status=201)
 
 
+def expire_sessions(srv: SimServer, user_ref: str) -> int:
+    """Expire every import session of a mailbox now (``/_sim/expire_import_sessions``): their URLs answer
+    401 ``ExpiredAuthenticationToken`` from then on."""
+    uid = srv.model.user(user_ref).id
+    doomed = [t for t, s in srv.import_sessions.items() if s.user_id == uid]
+    for t in doomed:
+        srv.import_sessions.pop(t)
+        srv.expired_import_tokens[t] = uid
+    return len(doomed)
+
+
 IMPORT_PATH = re.compile(r"/api/v1\.0/Mailboxes\('([^']*)'\)/importItem/?", re.I)
 
 
@@ -332,11 +343,18 @@ async def handle_import(srv: SimServer, request: web.Request, mbx: str) -> web.S
         await _read_body(request, 0)
         return _err(401, "InvalidAudience", "This import URL is pre-authenticated (authtoken): requests to it "
                     "must not carry an Authorization header.")
+    if sess is None and srv.expired_import_tokens.get(request.query.get("authtoken", "")):
+        srv.import_expired[srv.expired_import_tokens[request.query["authtoken"]]] += 1
+        await _read_body(request, 0)
+        return _err(401, "ExpiredAuthenticationToken", "The import URL's token has expired: create a new "
+                    "import session.")
     if sess is None or sess.mailbox_id.lower() != unquote(mbx).lower():
         await _read_body(request, 0)
         return _err(401, "InvalidAuthenticationToken", "The import URL's token is not valid.")
     if sess.expires <= time.monotonic():
         srv.import_sessions.pop(sess.token, None)
+        srv.expired_import_tokens[sess.token] = sess.user_id
+        srv.import_expired[sess.user_id] += 1
         await _read_body(request, 0)
         return _err(401, "ExpiredAuthenticationToken", "The import URL's token has expired: create a new "
                     "import session.")

@@ -204,6 +204,7 @@ class SimServer:
         self.counters: dict[str, _MailboxCounters] = defaultdict(_MailboxCounters)
         self.upload_sessions: dict[str, _UploadSession] = {}
         self.import_sessions: dict[str, export_api.ImportSession] = {}
+        self.expired_import_tokens: dict[str, str] = {}  # token -> user id, once expired (401 from then on)
         self.reset_stats()
         self.app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
@@ -238,6 +239,7 @@ class SimServer:
         self.export_bytes: dict[str, int] = defaultdict(int)
         self.imported_items: dict[str, int] = defaultdict(int)
         self.import_session_count: dict[str, int] = defaultdict(int)
+        self.import_expired: dict[str, int] = defaultdict(int)  # POSTs with an expired import token (401)
         for c in getattr(self, "counters", {}).values():
             c.max_seen = c.inflight
 
@@ -257,6 +259,7 @@ class SimServer:
                             "upload_throttled", "export_bytes", "imported_items")},
             "export_downloads": {upn.get(k, k): dict(v) for k, v in self.export_downloads.items()},
             "import_sessions": {upn.get(k, k): v for k, v in self.import_session_count.items()},
+            "import_expired": {upn.get(k, k): v for k, v in self.import_expired.items()},
             "upload_ranges": {upn.get(k, k): {sid: [list(r) for r in rs] for sid, rs in v.items()}
                               for k, v in self.upload_ranges.items()},
             "upload_sessions": {upn.get(k, k): {sid: dict(i) for sid, i in v.items()}
@@ -1089,6 +1092,8 @@ class SimServer:
             if what == "expire_delta_tokens":
                 self.model.mutate(body["user"], [{"op": "expire_delta_tokens"}])
                 return web.json_response({"ok": True})
+            if what == "expire_import_sessions":
+                return web.json_response({"expired": export_api.expire_sessions(self, body["user"])})
             if what == "revoke_tokens":
                 self.revoke_tokens()
                 return web.json_response({"ok": True})
