@@ -256,3 +256,32 @@ def test_both_mode_stores_byte_exact_mime_of_messages_and_the_stream_of_every_it
 
     chk = check_repository(repo, repo.list_mailboxes(), read_data=True)
     assert chk.ok, chk.problems[:5]
+
+
+def test_prune_keeps_every_chunk_a_fidelity_snapshot_names_and_frees_the_rest(sim_factory, tmp_path):
+    from mailpipe.repo.check import check_repository
+    from mailpipe.repo.prune import prune
+
+    sim = sim_factory(users=1, messages_per_mailbox=30, other_items=20, seed=27)
+    upn = mailbox_upns(sim)[0]
+    uid = sim.model.user(upn).id
+    t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
+    repo = open_repository(t)
+    r1, = backup(t, [upn])
+    mb = sim.model.mailbox(uid)
+    # edit every calendar/contact/task item and delete two thirds of the messages: their old streams are only
+    # in the first snapshot (enough of the packs to be repacked: prune's threshold is a quarter)
+    sim.mutate(upn, [{"op": "edit_item", "ids": sorted(mb.xitems)},
+                     {"op": "delete", "ids": [m for i, m in enumerate(sorted(mb.msgs)) if i % 3]}])
+    r2, = backup(t, [upn])
+    want = truth_fidelity(sim.truth(upn, fidelity=True), upn)
+    before = set(repo.iter_chunk_names())
+    repo.delete_snapshot(uid, r1.snapshot_id)  # what forget does
+    for _ in range(3):
+        prune(repo, safety_seconds=0, clock_margin=0)
+    repo = open_repository(t)
+    after = set(repo.iter_chunk_names())
+    needed = {h for b in repo.iter_fidelity(uid, "latest") for r in b.to_pylist() for h in r["chunks"]}
+    assert needed <= after and after < before  # every chunk still named is kept, the others are freed
+    assert fidelity_items(repo, uid) == want  # and every stream reads back whole
+    assert check_repository(repo, repo.list_mailboxes(), read_data=True).ok
