@@ -285,3 +285,18 @@ def test_prune_keeps_every_chunk_a_fidelity_snapshot_names_and_frees_the_rest(si
     assert needed <= after and after < before  # every chunk still named is kept, the others are freed
     assert fidelity_items(repo, uid) == want  # and every stream reads back whole
     assert check_repository(repo, repo.list_mailboxes(), read_data=True).ok
+
+
+@pytest.mark.parametrize("mode", ["foreign_next_link", "foreign_delta_link"])
+def test_an_export_delta_link_to_another_host_is_never_followed(sim_factory, tmp_path, mode):
+    from mailpipe.sim import LimitConfig
+    from mailpipe_tests.hostile import HostileProxy
+
+    sim = sim_factory(users=1, messages_per_mailbox=30, other_items=20, limits=LimitConfig(max_page_size=5))
+    upn = mailbox_upns(sim)[0]
+    with HostileProxy(sim, mode).start() as proxy:
+        t = make_tenant(sim, str(tmp_path / "repo"), graph_url=proxy.graph_url, content="fidelity")
+        r, = backup(t, [upn])
+        assert not r.ok and r.error_kind == "unsafe-link"
+        assert proxy.attacker.requests == []  # no request, so no token, ever reached the other host
+        assert open_repository(t).latest_snapshot(r.user_id) is None
