@@ -20,9 +20,10 @@ at the end; permanent (``ErrorCorruptData``, ...) → skipped, listed, and pendi
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 from collections import Counter
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -43,104 +44,144 @@ UNKNOWN_SIZE = 256 * 1024         # an item whose delta entry has no size counts
 DELTA_PAGE_SIZE = 1000
 
 
-@dataclass
-class _Content:
-    change_key: str | None  # the version the stream was exported at
-    sha256: str
-    chunks: list[str]
-    size: int
-    first_snapshot_id: str | None
-
-
-class _Item:
-    __slots__ = ("folder_id", "item_type", "change_key", "size_hint", "created", "modified", "categories",
-                 "content", "listing", "in_base", "fetched")
-
-    def __init__(self, folder_id: str) -> None:
-        self.folder_id = folder_id
-        self.item_type: str | None = None
-        self.change_key: str | None = None
-        self.size_hint: int | None = None
-        self.created: Any = None
-        self.modified: Any = None
-        self.categories: tuple[str, ...] = ()
-        self.content: _Content | None = None
-        self.listing: int | None = None
-        self.in_base = False
-        self.fetched = False
+_COLS = ("id", "folder", "type", "ck", "size", "created", "modified", "cats", "c_ck", "sha", "chunks", "c_size",
+         "first", "listing", "in_base", "fetched", "skipped")
 
 
 class FidelityState:
-    """Every item of the mailbox now (from the base snapshot, then the deltas), with its stored stream.
-    In memory: about 0.75 KB per item (the MIME engine keeps its state on disk: docs/ENGINE.md)."""
+    """Every item of the mailbox now (from the base snapshot, then the deltas), with its stored stream: an
+    SQLite table in the backup's work directory (memory stays flat whatever the mailbox's size, like the MIME
+    engine's merge table)."""
 
-    def __init__(self) -> None:
-        self.items: dict[str, _Item] = {}
-        self.known: dict[str, _Content] = {}   # streams an interrupted backup stored (checkpoint rows)
-        self.skipped: dict[str, str] = {}
-        self.base_ids: set[str] = set()
+    def __init__(self, path: str) -> None:
+        import sqlite3
+
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=OFF")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("PRAGMA cache_size=-16000")  # 16 MB page cache
+        self.reset()
+
+    def reset(self) -> None:
+        self.db.execute("DROP TABLE IF EXISTS items")
+        self.db.execute("DROP TABLE IF EXISTS known")
+        self.db.execute("DROP TABLE IF EXISTS base")
+        self.db.execute("CREATE TABLE base (id TEXT PRIMARY KEY)")  # the items of the base snapshot
+        self.db.execute("CREATE TABLE items (id TEXT PRIMARY KEY, folder TEXT, type TEXT, ck TEXT, size INT, "
+                        "created TEXT, modified TEXT, cats TEXT, c_ck TEXT, sha TEXT, chunks TEXT, c_size INT, "
+                        "first TEXT, listing INT, in_base INT DEFAULT 0, fetched INT DEFAULT 0, skipped TEXT)")
+        self.db.execute("CREATE INDEX items_folder ON items (folder)")
+        self.db.execute("CREATE TABLE known (id TEXT PRIMARY KEY, ck TEXT, sha TEXT, chunks TEXT, size INT)")
         self.reused = 0
 
+    def close(self) -> None:
+        self.db.close()
+
     def load_base(self, rows: list[dict[str, Any]]) -> int:
-        for r in rows:
-            it = _Item(r["folder_id"])
-            it.item_type, it.change_key = r.get("item_type"), r.get("change_key")
-            it.size_hint, it.created, it.modified = r.get("size"), r.get("created_at"), r.get("last_modified_at")
-            it.categories = tuple(r.get("categories") or ())
-            it.content = _Content(r.get("change_key"), r["sha256"], list(r["chunks"]), int(r["size"]),
-                                  r.get("first_snapshot_id"))
-            it.in_base = True
-            self.items[r["item_id"]] = it
-            self.base_ids.add(r["item_id"])
+        self.db.executemany(
+            "INSERT OR REPLACE INTO items (id, folder, type, ck, size, created, modified, cats, c_ck, sha, chunks, "
+            "c_size, first, in_base) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)",
+            [(r["item_id"], r["folder_id"], r.get("item_type"), r.get("change_key"), r.get("size"),
+              _iso(r.get("created_at")), _iso(r.get("last_modified_at")), json.dumps(list(r.get("categories") or ())),
+              r.get("change_key"), r["sha256"], json.dumps(list(r["chunks"])), int(r["size"]),
+              r.get("first_snapshot_id")) for r in rows])
+        self.db.executemany("INSERT OR IGNORE INTO base VALUES (?)", [(r["item_id"],) for r in rows])
         return len(rows)
 
+    def base_count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM base").fetchone()[0]
+
     def load_known(self, rows: list[dict[str, Any]]) -> int:
-        n = 0
-        for r in rows:
-            iid = r.get("item_id") or ""
-            if iid.startswith(CKPT_PREFIX) and r.get("sha256") and r.get("chunks") is not None:
-                self.known[iid[len(CKPT_PREFIX):]] = _Content(r.get("change_key"), r["sha256"], list(r["chunks"]),
-                                                              int(r["size"]), None)
-                n += 1
-        return n
+        data = [(r["item_id"][len(CKPT_PREFIX):], r.get("change_key"), r["sha256"], json.dumps(list(r["chunks"])),
+                 int(r["size"])) for r in rows
+                if (r.get("item_id") or "").startswith(CKPT_PREFIX) and r.get("sha256") and r.get("chunks") is not None]
+        self.db.executemany("INSERT OR REPLACE INTO known VALUES (?,?,?,?,?)", data)
+        return len(data)
 
     def upsert(self, folder_id: str, info: Any, listing: int | None) -> bool:
         """Record an item reported in ``folder_id``; True when its stream must be exported."""
-        it = self.items.get(info.id)
-        if it is None:
-            it = self.items[info.id] = _Item(folder_id)
-        it.folder_id = folder_id
-        it.item_type = info.item_type or it.item_type
-        it.change_key, it.size_hint = info.change_key, info.size
-        it.created, it.modified, it.categories = info.created_at, info.last_modified_at, info.categories
-        it.listing = listing
-        self.skipped.pop(info.id, None)
-        if it.content is not None and it.content.change_key == info.change_key and info.change_key:
-            return False
-        k = self.known.get(info.id)
-        if k is not None and k.change_key == info.change_key and info.change_key:
-            it.content = k
+        row = self.db.execute("SELECT c_ck FROM items WHERE id=?", (info.id,)).fetchone()
+        vals = (folder_id, info.item_type, info.change_key, info.size, _iso(info.created_at),
+                _iso(info.last_modified_at), json.dumps(list(info.categories)), listing)
+        if row is None:
+            self.db.execute("INSERT INTO items (folder, type, ck, size, created, modified, cats, listing, id) "
+                            "VALUES (?,?,?,?,?,?,?,?,?)", (*vals, info.id))
+        else:
+            self.db.execute("UPDATE items SET folder=?, type=coalesce(?, type), ck=?, size=?, created=?, modified=?, "
+                            "cats=?, listing=?, skipped=NULL WHERE id=?", (*vals, info.id))
+            if row[0] is not None and row[0] == info.change_key and info.change_key:
+                return False
+        k = self.db.execute("SELECT ck, sha, chunks, size FROM known WHERE id=?", (info.id,)).fetchone()
+        if k is not None and k[0] == info.change_key and info.change_key:
+            self.db.execute("UPDATE items SET c_ck=?, sha=?, chunks=?, c_size=?, first=NULL WHERE id=?",
+                            (k[0], k[1], k[2], k[3], info.id))
             self.reused += 1
             return False
         return True
 
+    def add_pending(self, item_id: str, folder_id: str, item_type: Any, change_key: Any, size: Any) -> bool:
+        """An item the last backup could not export, not reported by any delta: export it all the same."""
+        cur = self.db.execute("INSERT OR IGNORE INTO items (id, folder, type, ck, size) VALUES (?,?,?,?,?)",
+                              (item_id, folder_id, item_type, change_key, size))
+        return cur.rowcount == 1
+
+    def _delete(self, where: str, args: tuple) -> None:
+        self.db.execute(f"DELETE FROM items WHERE {where}", args)
+
     def remove(self, folder_id: str, item_id: str) -> None:
-        it = self.items.get(item_id)
-        if it is not None and it.folder_id == folder_id:
-            del self.items[item_id]
-            self.skipped.pop(item_id, None)
+        self._delete("id=? AND folder=?", (item_id, folder_id))
 
     def gone(self, item_id: str) -> None:
-        self.items.pop(item_id, None)
-        self.skipped.pop(item_id, None)
+        self._delete("id=?", (item_id,))
+
+    def gone_folder(self, folder_id: str) -> None:
+        self._delete("folder=?", (folder_id,))
 
     def finish_full_listing(self, folder_id: str, listing: int) -> None:
-        for iid in [i for i, it in self.items.items() if it.folder_id == folder_id and it.listing != listing]:
-            del self.items[iid]
+        self._delete("folder=? AND (listing IS NULL OR listing<>?)", (folder_id, listing))
 
     def wanted(self, item_id: str) -> bool:
-        it = self.items.get(item_id)
-        return it is not None and (it.content is None or it.content.change_key != it.change_key)
+        row = self.db.execute("SELECT ck, c_ck, sha FROM items WHERE id=?", (item_id,)).fetchone()
+        return row is not None and (row[2] is None or row[1] != row[0])
+
+    def size_hint(self, item_id: str) -> int | None:
+        row = self.db.execute("SELECT size FROM items WHERE id=?", (item_id,)).fetchone()
+        return row[0] if row else None
+
+    def folder_of(self, item_id: str) -> str | None:
+        row = self.db.execute("SELECT folder FROM items WHERE id=?", (item_id,)).fetchone()
+        return row[0] if row else None
+
+    def stored(self, item_id: str, change_key: str | None, sha256: str, chunks: list[str], size: int) -> bool:
+        """The stream exported at ``change_key`` (None: the delta's) is stored; False if the item left meanwhile."""
+        cur = self.db.execute("UPDATE items SET c_ck=coalesce(?, ck), sha=?, chunks=?, c_size=?, first=NULL, "
+                              "fetched=1, skipped=NULL WHERE id=?",
+                              (change_key, sha256, json.dumps(chunks), size, item_id))
+        return cur.rowcount == 1
+
+    def content_key(self, item_id: str) -> str | None:
+        row = self.db.execute("SELECT c_ck FROM items WHERE id=?", (item_id,)).fetchone()
+        return row[0] if row else None
+
+    def skip(self, item_id: str, reason: str) -> None:
+        self.db.execute("UPDATE items SET skipped=? WHERE id=?", (reason, item_id))
+
+    def rows(self) -> Any:
+        """Every item, a batch at a time, as dicts (the columns of :data:`_COLS`)."""
+        cols = ", ".join("EXISTS (SELECT 1 FROM base b WHERE b.id = items.id)" if c == "in_base" else c for c in _COLS)
+        cur = self.db.execute(f"SELECT {cols} FROM items ORDER BY id")
+        while True:
+            batch = cur.fetchmany(5000)
+            if not batch:
+                return
+            yield [dict(zip(_COLS, r)) for r in batch]
+
+
+def _iso(v: Any) -> str | None:
+    if v is None:
+        return None
+    return v.isoformat() if hasattr(v, "isoformat") else str(v)
 
 
 class FidelityPart:
@@ -156,7 +197,7 @@ class FidelityPart:
         self.job = job
         self.mb = mb
         self.ex = MailboxExport(mb)
-        self.fs = FidelityState()
+        self.fs = FidelityState(os.path.join(job.work, "fidelity.sqlite"))
         self._batch: list[str] = []
         self._batch_bytes = 0
         self._batches: asyncio.Queue[list[str] | None] = asyncio.Queue(maxsize=8)
@@ -194,7 +235,7 @@ class FidelityPart:
             except (IntegrityError, RepositoryError) as e:
                 job._warn(f"the fidelity streams of snapshot {base.snapshot_id} cannot be read ({e}); every folder "
                           "is listed from scratch")
-                self.fs = fs = FidelityState()
+                fs.reset()
                 self.prev_links, self.prev_pending = {}, []
         stored = job.repo.chunk_is_reusable
         n_ckpt = await job._stream_into(
@@ -227,9 +268,8 @@ class FidelityPart:
         try:
             for p in self.prev_pending:  # what Graph could not serve last time, whatever the delta says now
                 iid = p.get("item_id")
-                if iid and iid not in fs.items and p.get("folder_id") in folders:
-                    it = fs.items[iid] = _Item(p["folder_id"])
-                    it.item_type, it.change_key, it.size_hint = p.get("item_type"), p.get("change_key"), p.get("size")
+                if iid and p.get("folder_id") in folders and fs.add_pending(
+                        iid, p["folder_id"], p.get("item_type"), p.get("change_key"), p.get("size")):
                     await self._want(iid)
             await _gather_or_cancel([scan(f) for f in sorted(folders)])
             await self._drain_exports()
@@ -242,6 +282,7 @@ class FidelityPart:
 
     async def abort(self) -> None:
         await self.ex.aclose()
+        self.fs.close()
 
     async def commit_rows(self, writer: Any) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
         """Write the snapshot's ``fidelity.parquet`` rows; → (the commit record's ``fidelity``, skipped entries,
@@ -252,43 +293,46 @@ class FidelityPart:
         by_type: Counter[str] = Counter()
         skipped, pending = [], []
         counts: Counter[str] = Counter()
-        for iid, it in fs.items.items():
-            f = folders.get(it.folder_id)
-            if f is None:
-                continue
-            if it.content is None or iid in fs.skipped:
-                reason = fs.skipped.get(iid) or "not exported in this backup"
-                skipped.append({"item_id": iid, "folder_id": it.folder_id, "folder_path": list(f.path),
-                                "subject": None, "item_type": it.item_type, "reason": reason, "pending": True,
-                                "content": "fidelity"})
-                pending.append({"item_id": iid, "folder_id": it.folder_id, "item_type": it.item_type,
-                                "change_key": it.change_key, "size": it.size_hint})
-                if it.content is None:
+        present_base = 0
+        for batch_rows in fs.rows():
+            for it in batch_rows:
+                iid = it["id"]
+                f = folders.get(it["folder"])
+                if f is None:
                     continue
-            c = it.content
-            by_type[it.item_type or "unknown"] += 1
-            counts["items_new" if not it.in_base else ("items_changed" if it.fetched else "_same")] += 1
-            rows.append({"item_id": iid, "item_type": it.item_type, "folder_id": it.folder_id,
-                         "folder_path": list(f.path), "folder_class": f.folder_class, "change_key": c.change_key,
-                         "created_at": it.created, "last_modified_at": it.modified,
-                         "categories": list(it.categories), "size": c.size, "sha256": c.sha256,
-                         "chunks": c.chunks, "first_snapshot_id": c.first_snapshot_id or snapshot_id})
-            if len(rows) >= 5000:
-                batch, rows = rows, []
-                await job._io(lambda batch=batch: writer.add_fidelity_items(batch))
+                present_base += bool(it["in_base"])
+                if it["sha"] is None or it["skipped"]:
+                    reason = it["skipped"] or "not exported in this backup"
+                    skipped.append({"item_id": iid, "folder_id": it["folder"], "folder_path": list(f.path),
+                                    "subject": None, "item_type": it["type"], "reason": reason, "pending": True,
+                                    "content": "fidelity"})
+                    pending.append({"item_id": iid, "folder_id": it["folder"], "item_type": it["type"],
+                                    "change_key": it["ck"], "size": it["size"]})
+                    if it["sha"] is None:
+                        continue
+                by_type[it["type"] or "unknown"] += 1
+                counts["items_new" if not it["in_base"] else ("items_changed" if it["fetched"] else "_same")] += 1
+                rows.append({"item_id": iid, "item_type": it["type"], "folder_id": it["folder"],
+                             "folder_path": list(f.path), "folder_class": f.folder_class, "change_key": it["c_ck"],
+                             "created_at": it["created"], "last_modified_at": it["modified"],
+                             "categories": json.loads(it["cats"] or "[]"), "size": it["c_size"], "sha256": it["sha"],
+                             "chunks": json.loads(it["chunks"]), "first_snapshot_id": it["first"] or snapshot_id})
+                if len(rows) >= 5000:
+                    batch, rows = rows, []
+                    await job._io(lambda batch=batch: writer.add_fidelity_items(batch))
         if rows or not writer.fidelity_items:
             await job._io(lambda: writer.add_fidelity_items(rows))
-        present = {i for i, it in fs.items.items() if it.folder_id in folders}
         skipped += [{"item_id": None, "folder_id": v["folder_id"], "subject": None,
                      "folder_path": list(folders[v["folder_id"]].path) if v["folder_id"] in folders else [],
                      "reason": v["reason"], "pending": False, "content": "fidelity"} for v in self._invalid]
         figures = {"items_total": sum(by_type.values()), "items_new": counts["items_new"],
-                   "items_changed": counts["items_changed"], "items_removed": len(fs.base_ids - present),
+                   "items_changed": counts["items_changed"], "items_removed": fs.base_count() - present_base,
                    "items_skipped": len(skipped), "items_reused": fs.reused,
                    "items_by_type": dict(sorted(by_type.items()))}
         fidelity = {"delta_links": self.new_links, "pending": pending, "by_type": figures["items_by_type"],
                     "folders": {f.id: {"class": f.folder_class, "well_known": f.well_known} for f in folders.values()}}
         await self.ex.aclose()
+        self.fs.close()
         return fidelity, skipped, figures
 
     # -- deltas --------------------------------------------------------------------------------------------
@@ -325,8 +369,7 @@ class FidelityPart:
             except NotFoundError:
                 if folder_id not in {f.id for f in await self.ex.folders()}:
                     log.info("%s: folder %s was deleted during the backup", self.upn, folder_id)
-                    for iid in [i for i, it in fs.items.items() if it.folder_id == folder_id]:
-                        fs.gone(iid)
+                    fs.gone_folder(folder_id)
                     return None
                 raise
         raise ProtocolError(f"mailbox {self.upn} export folder {folder_id}: the delta did not settle after 3 "
@@ -337,8 +380,8 @@ class FidelityPart:
         """Queue an item for export: batches of at most 20 ids and :data:`BATCH_BYTES` of stream."""
         if self._fatal is not None:
             raise self._fatal
-        it = self.fs.items.get(item_id)
-        size = it.size_hint if it is not None and it.size_hint is not None else UNKNOWN_SIZE
+        hint = self.fs.size_hint(item_id)
+        size = hint if hint is not None else UNKNOWN_SIZE
         if self._batch and self._batch_bytes + size > BATCH_BYTES:
             await self._flush_batch()
         self._batch.append(item_id)
@@ -375,9 +418,8 @@ class FidelityPart:
                     await self._want(iid)
             await self._settle_exports()
         for iid, reason in self._deferred.items():
-            if iid in self.fs.items:
-                self.fs.skipped[iid] = (f"{reason} (tried {self._tries.get(iid, 1)} times in this backup; the next "
-                                        "backup tries again)")
+            self.fs.skip(iid, f"{reason} (tried {self._tries.get(iid, 1)} times in this backup; the next backup "
+                              "tries again)")
 
     async def _settle_exports(self) -> None:
         await self._flush_batch()
@@ -426,13 +468,10 @@ class FidelityPart:
             job.bytes_fetched += len(data)
             st = await job._io(lambda: job.repo.put_content(data))
             job.bytes_stored_new += st.new_stored_bytes
-            it = fs.items.get(res.item_id)
-            if it is None:  # removed by a delta meanwhile
-                return
-            it.content = _Content(res.change_key or it.change_key, st.sha256, list(st.chunks), st.size, None)
-            it.fetched = True
+            if not fs.stored(res.item_id, res.change_key, st.sha256, list(st.chunks), st.size):
+                return  # removed by a delta meanwhile
             self._deferred.pop(res.item_id, None)
-            row = {"item_id": CKPT_PREFIX + res.item_id, "change_key": it.content.change_key, "is_draft": None,
+            row = {"item_id": CKPT_PREFIX + res.item_id, "change_key": fs.content_key(res.item_id), "is_draft": None,
                    "sha256": st.sha256, "chunks": list(st.chunks), "size": st.size}
             job._ckpt_rows.append(row)
             job._journal_rows.append(row)
@@ -446,7 +485,7 @@ class FidelityPart:
                 await self._confirming.acquire()
                 self._spawn(self._confirm_gone(res.item_id, why))
             elif res.permanent:
-                fs.skipped[res.item_id] = f"permanent: exportItems answered {why}"
+                fs.skip(res.item_id, f"permanent: exportItems answered {why}")
                 self._deferred.pop(res.item_id, None)
             else:
                 self._defer(res.item_id, f"transient: exportItems answered {why}")
@@ -459,13 +498,13 @@ class FidelityPart:
         from mailpipe.graph.errors import GraphError, NotFoundError
 
         try:
-            it = self.fs.items.get(item_id)
-            if it is None:
+            folder = self.fs.folder_of(item_id)
+            if folder is None:
                 return
             for _ in range(2):
                 await asyncio.sleep(self.job.s.item_retry_delay)
                 try:
-                    await self.ex.get_item(it.folder_id, item_id)
+                    await self.ex.get_item(folder, item_id)
                 except NotFoundError:
                     continue
                 except GraphError as e:
