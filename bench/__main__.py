@@ -1,6 +1,7 @@
 """Run every benchmark and print their figures: `.venv/bin/python -m bench` (or `make bench`)."""
 
-from bench import backup_bench, chaos, cpu_bench, dagster_bench, format_bench, repo_bench, restore_bench, sim_rps
+from bench import (backup_bench, chaos, cpu_bench, dagster_bench, fidelity_bench, format_bench, repo_bench,
+                   restore_bench, sim_rps)
 
 if __name__ == "__main__":
     sim_rps.main()
@@ -18,3 +19,5 @@ if __name__ == "__main__":
     format_bench.main([])
     print()
     chaos.main([])
+    print()
+    fidelity_bench.main([])

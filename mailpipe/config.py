@@ -129,6 +129,9 @@ class TenantConfig:
     restore: RestoreConfig | None = None  # write credentials for restores (default: the tenant's own)
     retention: RetentionConfig | None = None  # which snapshots `forget` keeps (None: all of them)
     encryption: EncryptionConfig | None = None  # client-side encryption (chosen when the repository is created)
+    # what a backup stores of each item: "mime" ($value of messages), "fidelity" (the mailbox export API: every
+    # item type, full fidelity; MailboxItem.Export.All), "both" (docs/CONFIG.md)
+    content: str = "mime"
 
     @property
     def uses_embedded_simulator(self) -> bool:
@@ -222,9 +225,12 @@ def parse_tenants(doc: Any, source: str = "<tenants>") -> list[TenantConfig]:
     return tenants
 
 
+# content modes (docs/CONFIG.md): MIME $value, the mailbox export API, or both
+CONTENT_MODES = ("mime", "fidelity", "both")
+
 _TENANT_FIELDS = {
     "name", "tenant_id", "client_id", "auth", "graph_url", "authority", "ca_bundle", "storage", "s3",
-    "mailboxes", "limits", "simulator", "restore", "encryption", "retention",
+    "mailboxes", "limits", "simulator", "restore", "encryption", "retention", "content",
 }
 
 
@@ -298,6 +304,9 @@ def _parse_tenant(raw: Any, where: str) -> TenantConfig:
             "limits.upload_bytes_per_5min_per_mailbox", err, 10**12,
         ),
     )
+    content = raw.get("content", "mime")
+    if content not in CONTENT_MODES:
+        raise err("content", f"must be one of {', '.join(CONTENT_MODES)} (got {content!r})")
     sim = raw.get("simulator") or {}
     if not isinstance(sim, dict):
         raise err("simulator", "expected a mapping of simulator options")
@@ -327,7 +336,7 @@ def _parse_tenant(raw: Any, where: str) -> TenantConfig:
         name=name, tenant_id=guid("tenant_id"), client_id=guid("client_id"), auth=auth, storage=storage,
         graph_url=graph_url, authority=authority, ca_bundle=ca_bundle, s3=s3, mailboxes=mailboxes,
         limits=limits, simulator=dict(sim), restore=restore,
-        retention=parse_retention(raw.get("retention"), err), encryption=encryption,
+        retention=parse_retention(raw.get("retention"), err), encryption=encryption, content=content,
     )
 
 

@@ -30,8 +30,8 @@ trickled or aborted body upstream is slow, trickled or aborted here too.
 
 =============================== =======================================================================
 ``pass``                        a plain reverse proxy (the origin rewrite only)
-``foreign_next_link``           message delta answers that carry an ``@odata.nextLink``: it points at
-                                the attacker (same path and query)
+``foreign_next_link``           message delta answers (and the export API's item delta answers) that carry
+                                an ``@odata.nextLink``: it points at the attacker (same path and query)
 ``foreign_delta_link``          message delta answers: ``@odata.deltaLink`` points at the attacker
 ``foreign_users_link``          ``/users`` listings: ``@odata.nextLink`` points at the attacker (one is
                                 added, ``<attacker>/v1.0/users?$skiptoken=evil``, when upstream has none)
@@ -96,6 +96,8 @@ def _kind(raw_path: str) -> str:
     low = [unquote(s).lower() for s in path.split("/")[1:]]
     if low[:1] == ["_sim"]:
         return "admin"
+    if low[1:4] == ["admin", "exchange", "mailboxes"] and low[-2:] == ["items", "delta"]:
+        return "delta"  # the mailbox export API's item delta: a delta like the message one
     if low[:1] != ["v1.0"] or low[1:2] != ["users"]:
         return "other"
     rest = low[3:]

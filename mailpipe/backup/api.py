@@ -65,6 +65,7 @@ class MailboxResult:
     seconds: float = 0.0
     skipped: list[dict[str, Any]] = field(default_factory=list)  # [{item_id, folder_path, subject, reason, pending}]
     warnings: list[str] = field(default_factory=list)  # e.g. a damaged base snapshot that was skipped
+    items_by_type: dict[str, int] = field(default_factory=dict)  # content: fidelity — items per message class
 
     def metrics(self) -> dict[str, int | float]:
         """The numeric figures, for metadata that the UI plots over time."""

@@ -126,7 +126,7 @@ async def backup_many(
 
             async def one(upn: str) -> MailboxResult:
                 async with sem:
-                    job = MailboxBackup(tenant, graph, repo, pool, upn, settings=settings, work=work,
+                    job = backup_class(tenant)(tenant, graph, repo, pool, upn, settings=settings, work=work,
                                         progress=progress, skip_if_committed_since=skip_if_committed_since,
                                         wait_for_lease=wait_for_lease)
                     return await job.run()
@@ -134,6 +134,15 @@ async def backup_many(
             return list(await asyncio.gather(*(one(u) for u in upns)))
     finally:
         pool.shutdown(wait=True)
+
+
+def backup_class(tenant: TenantConfig) -> type[MailboxBackup]:
+    """The backup of one mailbox for the tenant's ``content`` mode: MIME, or the export API's streams."""
+    if tenant.content in ("fidelity", "both"):
+        from mailpipe.backup.fidelity import BothBackup, FidelityBackup
+
+        return FidelityBackup if tenant.content == "fidelity" else BothBackup
+    return MailboxBackup
 
 
 class MailboxBackup:
@@ -437,6 +446,7 @@ class MailboxBackup:
         writer = await self._io(lambda: self.repo.begin_snapshot(
             user_id, self.upn, after=ids[-1] if ids else "", tmp_dir=self.work))
         try:
+            await self._companion_start(mb, base)
             new_links: dict[str, str] = {}
             gone_folders: set[str] = set()
             workers = [asyncio.create_task(self._fetch_worker(mb, state)) for _ in range(self.fetch_workers)]
@@ -506,16 +516,36 @@ class MailboxBackup:
                      "requests": mb.stats.requests, "throttled": mb.stats.throttled,
                      "items_repaired": r.items_repaired, "chunks_verified": r.chunks_verified,
                      "verify": self._verify_slice}
+            companion = await self._companion_finish(writer)  # content: both — the export API's part
+            fidelity = None
+            if companion is not None:
+                fidelity, more_skipped = companion
+                skipped += more_skipped
+                stats.update(items_by_type=r.items_by_type, content="both",
+                             export_requests=mb.stats.by_kind.get("export", 0))
             info = await self._io(lambda: writer.commit(
                 delta_links=new_links, stats=stats, skipped=skipped, pending=pending, base=base_entry,
-                started_at=started_at, before_commit=self._lease.renew if self._lease is not None else None))
+                started_at=started_at, before_commit=self._lease.renew if self._lease is not None else None,
+                fidelity=fidelity))
         except BaseException:
             await self._io(writer.abort)
+            await self._companion_abort()
             raise
         r.snapshot_id = info.snapshot_id
         r.committed_at = info.committed_at
         await self._io(lambda: self.repo.clear_checkpoints(user_id))
         self._report(force=True)
+
+    # -- a companion: the export API's part of a `content: both` backup (mailpipe.backup.fidelity.BothBackup) ----
+    async def _companion_start(self, mb: Any, base: Any) -> None:
+        """Start work that runs beside this backup's own (nothing here)."""
+
+    async def _companion_finish(self, writer: Any) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+        """Finish it and add its rows to ``writer``: → (the commit record's ``fidelity``, skipped entries)."""
+        return None
+
+    async def _companion_abort(self) -> None:
+        """Stop it: this backup fails."""
 
     async def _stream_into(self, make_iter: Callable[[], Any], sink: Callable[[list[dict]], int]) -> int:
         """Feed record batches from a repository iterator (run in the pool) into the state table."""

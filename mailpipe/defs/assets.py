@@ -41,6 +41,8 @@ def _metadata(r) -> dict[str, dg.MetadataValue]:
                                                for s in r.skipped[:100]])
     if r.warnings:
         md["warnings"] = dg.MetadataValue.json(r.warnings)
+    if getattr(r, "items_by_type", None):  # content: fidelity|both — items per message class
+        md["items_by_type"] = dg.MetadataValue.json(r.items_by_type)
     return md
 
 

@@ -31,7 +31,7 @@ from datetime import date
 from typing import Any
 
 from mailpipe.repo.repository import _SNAP_ID, IntegrityError, Repository, RepositoryError
-from mailpipe.repo.schema import FOLDERS, MANIFEST
+from mailpipe.repo.schema import FIDELITY, FOLDERS, MANIFEST
 from mailpipe.repo.store import StoreError
 
 MAX_PROBLEMS = 1000  # listed in the result; counting goes on
@@ -232,16 +232,45 @@ def _check_snapshot(repo: Repository, uid: str, upn: str, info: Any, res: CheckR
                     present: set[str] | None, chunks: dict[str, int | None], latest: bool) -> None:
     sid = info.snapshot_id
     folders = _check_folders(repo, uid, upn, sid, res)
+    # every column of every file: the whole file is decoded and validated
+    rows, affected = _check_rows(repo, upn, sid, repo.iter_manifest(uid, sid), MANIFEST, "manifest.parquet",
+                                 folders, res, present, chunks)
+    if rows is None:
+        return
+    f_rows = f_affected = 0
+    if info.fidelity or "fidelity.parquet" in info.files:  # content: fidelity|both — the export API's streams
+        f_rows, f_affected = _check_rows(repo, upn, sid, repo.iter_fidelity(uid, sid), FIDELITY, "fidelity.parquet",
+                                         folders, res, present, chunks)
+        if f_rows is None:
+            return
+        if f_rows != int(info.fidelity.get("items", -1)):
+            res.problem(f"{upn} snapshot {sid}: fidelity.parquet has {f_rows} items, snapshot.json says "
+                        f"{info.fidelity.get('items')}", upn)
+    res.items += rows + f_rows
+    res.by_mailbox[upn].items += rows + f_rows
+    if latest and (affected or f_affected):
+        res.affected[upn] = affected + f_affected
+    want = info.fidelity.get("manifest_items", info.items) if info.fidelity else info.items
+    if rows != want:
+        res.problem(f"{upn} snapshot {sid}: manifest has {rows} items, snapshot.json says {want}", upn)
+
+
+def _check_rows(repo: Repository, upn: str, sid: str, batches: Any, schema: Any, name: str, folders: set[str],
+                res: CheckResult, present: set[str] | None, chunks: dict[str, int | None]
+                ) -> tuple[int | None, int]:
+    """Check every row of a manifest-like file (``manifest.parquet``, ``fidelity.parquet``) and the chunks
+    it names → (rows, items using a damaged chunk); (None, 0) when its schema is wrong."""
     rows = 0
     seen: set[int] = set()
     schema_checked = False
     affected = 0
-    for batch in repo.iter_manifest(uid, sid):  # every column: the whole file is decoded and validated
+    said = "the manifest" if name == "manifest.parquet" else name
+    for batch in batches:
         if not schema_checked:
             schema_checked = True
-            if (p := _schema_problem(batch.schema, MANIFEST)):
-                res.problem(f"{upn} snapshot {sid} manifest.parquet: {p}", upn)
-                return
+            if (p := _schema_problem(batch.schema, schema)):
+                res.problem(f"{upn} snapshot {sid} {name}: {p}", upn)
+                return None, 0
         for row in batch.to_pylist():
             rows += 1
             item = f"{upn} snapshot {sid} item {row['item_id']}"
@@ -251,7 +280,7 @@ def _check_snapshot(repo: Repository, uid: str, upn: str, info: Any, res: CheckR
                 continue
             key = hash(row["item_id"])
             if key in seen:
-                res.problem(f"{item}: listed twice in the manifest", upn)
+                res.problem(f"{item}: listed twice in {said}", upn)
             seen.add(key)
             names = row["chunks"]
             total: int | None = 0
@@ -275,13 +304,8 @@ def _check_snapshot(repo: Repository, uid: str, upn: str, info: Any, res: CheckR
                 total = None if n is None or total is None else total + n
             affected += damaged
             if present is None and total is not None and total != row["size"]:
-                res.problem(f"{item}: its chunks hold {total} bytes, the manifest says {row['size']}", upn)
-    res.items += rows
-    res.by_mailbox[upn].items += rows
-    if latest and affected:
-        res.affected[upn] = affected
-    if rows != info.items:
-        res.problem(f"{upn} snapshot {sid}: manifest has {rows} items, snapshot.json says {info.items}", upn)
+                res.problem(f"{item}: its chunks hold {total} bytes, {said} says {row['size']}", upn)
+    return rows, affected
 
 
 def _row_problem(row: dict[str, Any], folders: set[str], *, keyed: bool = False) -> str | None:

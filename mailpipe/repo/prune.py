@@ -222,6 +222,8 @@ def _read_references(repo: Repository, refs: _Refs, res: PruneResult, say: Calla
             try:
                 for b in repo.iter_manifest(uid, sid, columns=["chunks"], tmp_dir=repo.tmp_dir):
                     refs.add(b.column("chunks").to_pylist())
+                for b in repo.iter_fidelity(uid, sid, columns=["chunks"], tmp_dir=repo.tmp_dir):  # export API streams
+                    refs.add(b.column("chunks").to_pylist())
             except IntegrityError as e:
                 raise PruneRefused(f"snapshot {sid} of mailbox {uid} is damaged ({e}): prune deletes nothing until "
                                    "it is repaired or forgotten (`mailpipe check`)") from None

@@ -54,7 +54,7 @@ from mailpipe.repo.packs import (
     index_key,
     pack_key,
 )
-from mailpipe.repo.schema import CHECKPOINT, FOLDERS, MANIFEST, to_batch
+from mailpipe.repo.schema import CHECKPOINT, FIDELITY, FOLDERS, MANIFEST, to_batch
 from mailpipe.repo.store import (
     KeyNotFound,
     LocalStore,
@@ -120,6 +120,8 @@ class SnapshotInfo:
     pending: list[dict[str, Any]] | None = None  # items the next backup fetches whatever the delta says
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name → {sha256, size} of the Parquet files
     base: dict[str, Any] = field(default_factory=dict)  # what this backup started from (and what it skipped)
+    # the export API's part (content: fidelity): {items, size_bytes, by_type, delta_links, folders, pending}
+    fidelity: dict[str, Any] = field(default_factory=dict)
 
     def pending_items(self) -> list[dict[str, Any]]:
         """Items the next backup must fetch: ``pending``, or for format-1 records the skipped items."""
@@ -149,7 +151,7 @@ class SnapshotInfo:
             committed_at=datetime.fromisoformat(d["committed_at"]), items=int(d["items"]),
             size_bytes=int(d["size_bytes"]), stats=of("stats", dict) or {}, delta_links=of("delta_links", dict) or {},
             skipped=of("skipped", list) or [], pending=of("pending", list), files=of("files", dict) or {},
-            base=of("base", dict) or {},
+            base=of("base", dict) or {}, fidelity=of("fidelity", dict) or {},
         )
 
 
@@ -798,6 +800,16 @@ class Repository:
         return self._iter_parquet(f"{self._snap_prefix(user_id)}/{snap.snapshot_id}/manifest.parquet",
                                   batch_size, columns, expect=snap.files.get("manifest.parquet"), tmp_dir=tmp_dir)
 
+    def iter_fidelity(self, user_id: str, snapshot_id: str, *, batch_size: int = 10_000,
+                      columns: list[str] | None = None, tmp_dir: str | None = None) -> Iterator[pa.RecordBatch]:
+        """The snapshot's ``fidelity.parquet`` (the export API's streams), verified like the manifest; nothing
+        for a snapshot without one."""
+        snap = self.read_snapshot(user_id, snapshot_id)
+        if "fidelity.parquet" not in snap.files:
+            return iter(())
+        return self._iter_parquet(f"{self._snap_prefix(user_id)}/{snap.snapshot_id}/fidelity.parquet",
+                                  batch_size, columns, expect=snap.files["fidelity.parquet"], tmp_dir=tmp_dir)
+
     def read_folders(self, user_id: str, snapshot_id: str, *, tmp_dir: str | None = None) -> pa.Table:
         snap = self.read_snapshot(user_id, snapshot_id)
         batches = list(self._iter_parquet(f"{self._snap_prefix(user_id)}/{snap.snapshot_id}/folders.parquet",
@@ -1324,6 +1336,9 @@ class SnapshotWriter:
         self._folders: list[dict[str, Any]] = []
         self.items = 0
         self.size_bytes = 0
+        self._fidelity_writer: pq.ParquetWriter | None = None  # fidelity.parquet, opened by the first row
+        self.fidelity_items = 0
+        self.fidelity_bytes = 0
         self._done = False
 
     def add_items(self, rows: list[dict[str, Any]] | pa.RecordBatch) -> None:
@@ -1336,9 +1351,26 @@ class SnapshotWriter:
     def set_folders(self, rows: list[dict[str, Any]]) -> None:
         self._folders = list(rows)
 
+    def add_folders(self, rows: list[dict[str, Any]]) -> None:
+        """More rows of ``folders.parquet``: those whose ``folder_id`` is not listed yet."""
+        have = {r["folder_id"] for r in self._folders}
+        self._folders += [r for r in rows if r["folder_id"] not in have]
+
+    def add_fidelity_items(self, rows: list[dict[str, Any]]) -> None:
+        """Rows of ``fidelity.parquet`` (:data:`FIDELITY`): the full-fidelity streams of the export API."""
+        if self._fidelity_writer is None:
+            self._fidelity_writer = pq.ParquetWriter(os.path.join(self._dir, "fidelity.parquet"), FIDELITY,
+                                                     **PARQUET_OPTIONS)
+        batch = to_batch(rows, FIDELITY)
+        if batch.num_rows:
+            self._fidelity_writer.write_batch(batch)
+            self.fidelity_items += batch.num_rows
+            self.fidelity_bytes += int(pc.sum(batch.column("size")).as_py() or 0)
+
     def commit(self, *, delta_links: dict[str, str], stats: dict[str, Any], skipped: list[dict[str, Any]],
                started_at: datetime | None = None, pending: list[dict[str, Any]] | None = None,
-               base: dict[str, Any] | None = None, before_commit: Any = None) -> SnapshotInfo:
+               base: dict[str, Any] | None = None, before_commit: Any = None,
+               fidelity: dict[str, Any] | None = None) -> SnapshotInfo:
         """Upload the files, then ``snapshot.json``. ``before_commit``: called right before the commit
         record is written (the engine renews its lease there: a backup that lost it never commits)."""
         if self._done:
@@ -1349,7 +1381,12 @@ class SnapshotWriter:
         folders_path = os.path.join(self._dir, "folders.parquet")
         pq.write_table(pa.Table.from_batches([to_batch(self._folders, FOLDERS)]), folders_path, **PARQUET_OPTIONS)
         files = {}
-        for name, path in (("manifest.parquet", self._manifest_path), ("folders.parquet", folders_path)):
+        parts = [("manifest.parquet", self._manifest_path), ("folders.parquet", folders_path)]
+        if self._fidelity_writer is not None:
+            self._fidelity_writer.close()
+            self._fidelity_writer = None
+            parts.append(("fidelity.parquet", os.path.join(self._dir, "fidelity.parquet")))
+        for name, path in parts:
             key = f"{prefix}/{name}"
             if self.repo.cipher is not None:
                 sealed = path + ".sealed"
@@ -1365,6 +1402,12 @@ class SnapshotWriter:
             stats=dict(stats), delta_links=dict(delta_links), skipped=list(skipped),
             pending=list(pending or []), files=files, base=dict(base or {}),
         )
+        if fidelity is not None or "fidelity.parquet" in files:
+            # a snapshot's items: the messages' MIME rows, or, with the export API, every item's stream
+            info.fidelity = {**(fidelity or {}), "items": self.fidelity_items, "size_bytes": self.fidelity_bytes,
+                             "manifest_items": self.items}
+            info.items = max(self.items, self.fidelity_items)
+            info.size_bytes = self.size_bytes + self.fidelity_bytes
         if before_commit is not None:
             before_commit()
         self.repo.write_json(f"{prefix}/snapshot.json", info.to_json())
@@ -1375,10 +1418,12 @@ class SnapshotWriter:
         """Nothing was committed: drop the local files (uploaded Parquet files, if any, stay invisible
         until the next backup of the mailbox removes them)."""
         if not self._done:
-            try:
-                self._writer.close()
-            except Exception:
-                pass
+            for w in (self._writer, self._fidelity_writer):
+                try:
+                    if w is not None:
+                        w.close()
+                except Exception:
+                    pass
             self._cleanup()
 
     def _cleanup(self) -> None:

@@ -39,6 +39,24 @@ FOLDERS = pa.schema([
     pa.field("total_item_count", pa.int64()),
 ], metadata={"mailpipe.table": "folders", "mailpipe.version": "1"})
 
+# full-fidelity streams of the mailbox export API (``content: fidelity|both``): one row per item of every type
+# present at the snapshot (docs/FORMAT.md, "fidelity.parquet")
+FIDELITY = pa.schema([
+    pa.field("item_id", pa.string(), nullable=False),   # the export API's item id
+    pa.field("item_type", pa.string()),                 # message class: IPM.Note, IPM.Appointment, ...
+    pa.field("folder_id", pa.string(), nullable=False),
+    pa.field("folder_path", pa.list_(pa.string())),
+    pa.field("folder_class", pa.string()),              # IPF.Note, IPF.Appointment, IPF.Contact, IPF.Task, ...
+    pa.field("change_key", pa.string()),                # the version the stream is of
+    pa.field("created_at", TS),
+    pa.field("last_modified_at", TS),
+    pa.field("categories", pa.list_(pa.string())),
+    pa.field("size", pa.int64(), nullable=False),       # stream bytes
+    pa.field("sha256", pa.string(), nullable=False),    # of the whole stream
+    pa.field("chunks", pa.list_(pa.string()), nullable=False),
+    pa.field("first_snapshot_id", pa.string()),
+], metadata={"mailpipe.table": "fidelity", "mailpipe.version": "1"})
+
 CHECKPOINT = pa.schema([
     pa.field("item_id", pa.string(), nullable=False),
     pa.field("change_key", pa.string()),

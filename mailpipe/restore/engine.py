@@ -133,7 +133,8 @@ async def restore(tenant: TenantConfig, req: RestoreRequest, *, settings: Settin
         work = settings.tenant_work_dir(tenant.name)
         repo = await loop.run_in_executor(pool, lambda: open_repository(tenant, s3_client=s3_client, create=False,
                                                                         tmp_dir=work))
-        job = RestoreJob(tenant, repo, pool, req, settings, result, progress, work)
+        job = (await loop.run_in_executor(pool, lambda: job_class(repo, req)))(
+            tenant, repo, pool, req, settings, result, progress, work)
         await job.plan()
         if progress:
             progress({"phase": "plan", "items": result.items_selected, "bytes": result.bytes_selected,
@@ -152,6 +153,20 @@ async def restore(tenant: TenantConfig, req: RestoreRequest, *, settings: Settin
         pool.shutdown(wait=True)
         result.seconds = round(time.monotonic() - t0, 3)
     return result
+
+
+def job_class(repo: Any, req: RestoreRequest) -> type[RestoreJob]:
+    """A snapshot with full-fidelity streams (``content: fidelity``) is restored through import sessions."""
+    from mailpipe.restore.fidelity import FidelityRestoreJob, has_fidelity
+
+    uid = repo.find_mailbox(req.upn)
+    if uid is None:
+        return RestoreJob  # its plan says there is no such backup
+    try:
+        snap = choose_snapshot(repo, uid, req)
+    except UserError:
+        return RestoreJob
+    return FidelityRestoreJob if has_fidelity(snap) else RestoreJob
 
 
 class RestoreJob:

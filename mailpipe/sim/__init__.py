@@ -79,15 +79,21 @@ class _Endpoint:
     def reset_stats(self) -> None:
         self._admin("POST", "stats/reset", {})
 
-    def truth(self, user: str | None = None, hashes: bool = True, semantic: bool = False) -> dict[str, Any]:
+    def truth(self, user: str | None = None, hashes: bool = True, semantic: bool = False,
+              fidelity: bool = False) -> dict[str, Any]:
         """Every mailbox as it is now; ``hashes=False`` skips generating every item's MIME (big mailboxes);
-        ``semantic=True`` adds each item's ``semantic`` view (what a person sees, docs/SIMULATOR.md)."""
+        ``semantic=True`` adds each item's ``semantic`` view (what a person sees, docs/SIMULATOR.md);
+        ``fidelity=True`` adds each mailbox's export-API view (every folder and item of every type)."""
         q = "&".join(x for x in (f"user={user}" if user else "", "" if hashes else "hashes=0",
-                                 "semantic=1" if semantic else "") if x)
+                                 "semantic=1" if semantic else "", "fidelity=1" if fidelity else "") if x)
         return self._admin("GET", "truth" + (f"?{q}" if q else ""))
 
-    def mutate(self, user: str, ops: list[dict] | None = None, *, random: int = 0, seed: int = 0) -> dict:
-        return self._admin("POST", "mutate", {"user": user, "ops": ops or [], "random": random, "seed": seed})
+    def mutate(self, user: str, ops: list[dict] | None = None, *, random: int = 0, seed: int = 0,
+               random_items: int = 0) -> dict:
+        """Apply ``ops``, or a deterministic random mix of ``random`` mail ops and ``random_items`` ops on
+        calendar, contact and task items and folders (docs/SIMULATOR.md)."""
+        return self._admin("POST", "mutate", {"user": user, "ops": ops or [], "random": random, "seed": seed,
+                                              "random_items": random_items})
 
     def set_faults(self, faults: FaultConfig | dict) -> None:
         self._admin("POST", "faults", asdict(faults) if isinstance(faults, FaultConfig) else faults)
@@ -97,6 +103,9 @@ class _Endpoint:
 
     def expire_delta_tokens(self, user: str) -> None:
         self._admin("POST", "expire_delta_tokens", {"user": user})
+
+    def expire_import_sessions(self, user: str) -> int:
+        return self._admin("POST", "expire_import_sessions", {"user": user})["expired"]
 
     def revoke_tokens(self) -> None:
         self._admin("POST", "revoke_tokens", {})
@@ -165,8 +174,9 @@ class Simulator(_Endpoint):
     def reset_stats(self) -> None:
         self.server.reset_stats()
 
-    def truth(self, user: str | None = None, hashes: bool = True, semantic: bool = False) -> dict[str, Any]:
-        return self.model.truth(user, hashes, semantic)
+    def truth(self, user: str | None = None, hashes: bool = True, semantic: bool = False,
+              fidelity: bool = False) -> dict[str, Any]:
+        return self.model.truth(user, hashes, semantic, fidelity)
 
     def set_faults(self, faults: FaultConfig | dict) -> None:
         self.server.faults = faults if isinstance(faults, FaultConfig) else FaultConfig.from_dict(faults)
@@ -174,13 +184,24 @@ class Simulator(_Endpoint):
     def set_limits(self, limits: LimitConfig | dict) -> None:
         self.server.limits = limits if isinstance(limits, LimitConfig) else LimitConfig.from_dict(limits)
 
-    def mutate(self, user: str, ops: list[dict] | None = None, *, random: int = 0, seed: int = 0) -> dict:
+    def mutate(self, user: str, ops: list[dict] | None = None, *, random: int = 0, seed: int = 0,
+               random_items: int = 0) -> dict:
+        from mailpipe.sim import fidelity
+
         mb = self.model.mailbox(user)
-        ops = ops or mb.random_ops(random, seed)
+        ops = ops or (mb.random_ops(random, seed) + fidelity.random_ops(mb, random_items, seed))
         return {"applied": self.model.mutate(user, ops), "ops": ops}
 
     def expire_delta_tokens(self, user: str) -> None:
         self.model.mutate(user, [{"op": "expire_delta_tokens"}])
+
+    def expire_import_sessions(self, user: str) -> int:
+        from mailpipe.sim import export_api
+
+        async def call() -> int:  # on the server's loop: no request sees half of it
+            return export_api.expire_sessions(self.server, user)
+
+        return asyncio.run_coroutine_threadsafe(call(), self._loop).result(30)
 
     def revoke_tokens(self) -> None:
         self.server.revoke_tokens()

@@ -32,7 +32,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from mailpipe.sim import mime
+from mailpipe.sim import fidelity, mime
 from mailpipe.sim import posted as posted_mod
 from mailpipe.sim import semantic
 
@@ -76,11 +76,13 @@ class SimConfigModel:
     huge_attachment_every: int = 0
     plain: bool = False  # messages without attachments (text + HTML only)
     state_dir: str | None = None
+    other_items: int | None = None  # calendar/contact/task items per mailbox (None: a fifth of its messages, >= 4)
+    roles: list[str] | None = None  # the app's application permissions (None: all); checked by the export API
 
 
 class Msg:
     __slots__ = ("id", "n", "folder", "seq", "version", "is_read", "flag", "categories", "is_draft",
-                 "received", "huge", "change_n", "importance", "posted")
+                 "received", "huge", "change_n", "importance", "posted", "imported")
 
     def __init__(self, id: str, n: int, folder: str, seq: int, received: datetime, is_draft: bool, huge: bool):
         self.id = id
@@ -97,6 +99,7 @@ class Msg:
         self.change_n = 0
         self.importance = "normal"
         self.posted: posted_mod.Posted | None = None  # content of a message created through the write API
+        self.imported: tuple[dict[str, Any], bytes] | None = None  # (properties, MIME) of an imported message
 
 
 @dataclass
@@ -109,6 +112,7 @@ class Folder:
     # (seq, message id) in sequence order; entries go stale when the message changes again
     changes: list[tuple[int, str]] = field(default_factory=list)
     departures: list[tuple[int, str]] = field(default_factory=list)
+    cls: str = "IPF.Note"  # folder class: IPF.Note (mail), IPF.Appointment, IPF.Contact, IPF.Task
 
 
 @dataclass
@@ -138,6 +142,13 @@ class Mailbox:
         self._imid_index: dict[str, set[str]] | None = None
         self._prop_index: dict[tuple[str, str], set[str]] = {}
         self._seeded_props: dict[str, dict[str, str]] = {}  # extended properties PATCHed onto seeded items
+        # the export API's other folders and items (calendar, contacts, tasks: mailpipe.sim.fidelity)
+        self.xfolders: dict[str, Folder] = {}
+        self.xitems: dict[str, fidelity.XItem] = {}
+        self.xfolder_departures: list[tuple[int, str]] = []
+        self.next_xfolder_n = 0
+        self.next_xitem_n = 0
+        self.xsizes: dict[str, tuple[int, int]] = {}  # item id -> (seq, export stream size)
         keys: dict[str, str] = {}
         for wk, name in WELL_KNOWN:
             f = self._add_folder(name, self.root_id, wk)
@@ -155,6 +166,7 @@ class Mailbox:
             m = self._new_msg(keys[key], mime.received_time(rng.randrange(1 << 30), i, count),
                               is_draft=(key == "drafts"), huge=huge)
             m.is_read = rng.random() < 0.7
+        fidelity.seed(self, count)
 
     # ids ----------------------------------------------------------------------------------------------
     def _fid(self, key: str) -> str:
@@ -227,6 +239,8 @@ class Mailbox:
         )
 
     def mime(self, m: Msg) -> bytes:
+        if m.imported is not None:
+            return m.imported[1]
         if m.posted is not None:
             return posted_mod.render_cached(m.posted, m.id, m.seq, is_draft=m.is_draft, importance=m.importance,
                                             owner=(self.user.display_name, self.user.upn))
@@ -238,6 +252,8 @@ class Mailbox:
     def message_json(self, m: Msg, rest_id: str) -> dict[str, Any]:
         if m.posted is not None:
             return self._posted_json(m, rest_id)
+        if m.imported is not None:
+            return self._imported_json(m, rest_id)
         h = mime.headers_of(self.spec(m))
         received = m.received.strftime("%Y-%m-%dT%H:%M:%SZ")
         sender = {"emailAddress": {"name": h["sender_name"], "address": h["sender"]}}
@@ -260,6 +276,19 @@ class Mailbox:
             "from": sender,
             "sender": sender,
             "flag": {"flagStatus": m.flag},
+        }
+
+    def _imported_json(self, m: Msg, rest_id: str) -> dict[str, Any]:
+        p = m.imported[0] if m.imported else {}
+        return {
+            "@odata.etag": f'W/"{self.change_key(m)}"', "id": rest_id,
+            "createdDateTime": posted_mod.iso(m.received),
+            "lastModifiedDateTime": posted_mod.iso(m.received + timedelta(seconds=m.change_n)),
+            "changeKey": self.change_key(m), "categories": list(m.categories),
+            "receivedDateTime": posted_mod.iso(m.received), "sentDateTime": p.get("sent"),
+            "hasAttachments": False, "internetMessageId": p.get("internet_message_id"),
+            "subject": p.get("subject"), "importance": m.importance, "parentFolderId": m.folder,
+            "isRead": m.is_read, "isDraft": m.is_draft, "flag": {"flagStatus": m.flag},
         }
 
     # messages created through the write API ------------------------------------------------------------
@@ -310,12 +339,18 @@ class Mailbox:
         return m.posted is not None and any(not a.is_inline for a in m.posted.attachments)
 
     def sent(self, m: Msg) -> datetime:
+        if m.imported is not None and m.imported[0].get("sent"):
+            return posted_mod.parse_time(m.imported[0]["sent"])
         return m.posted.sent if m.posted is not None else m.received
 
     def subject(self, m: Msg) -> str:
+        if m.imported is not None:
+            return m.imported[0].get("subject") or ""
         return m.posted.content["subject"] if m.posted is not None else mime.headers_of(self.spec(m))["subject"]
 
     def internet_message_id(self, m: Msg) -> str | None:
+        if m.imported is not None:
+            return m.imported[0].get("internet_message_id")
         if m.posted is not None:
             return m.posted.content["internet_message_id"]
         return mime.headers_of(self.spec(m))["message_id"]
@@ -441,14 +476,17 @@ class Mailbox:
         }
 
     # delta --------------------------------------------------------------------------------------------
-    def delta_page(self, folder: str, token: dict | None, page_size: int) -> tuple[list, list, dict | None]:
+    def delta_page(self, folder: str, token: dict | None, page_size: int, *, folders: dict | None = None,
+                   items: dict | None = None) -> tuple[list, list, dict | None]:
         """One page of a folder's message delta: (upserts, removed ids, next token state or None when done).
 
         ``token`` is None for a new sync, else the decoded state {w: watermark, hi: upper bound,
         ph: phase, c: cursor}. Returns the state of the next page, or a final state {w: hi} (done).
         """
+        folders = self.folders if folders is None else folders
+        items = self.msgs if items is None else items
         with self.lock:
-            f = self.folders.get(folder)
+            f = folders.get(folder)
             if f is None:
                 raise NotFound(folder)
             if token is None:
@@ -463,7 +501,7 @@ class Mailbox:
                 i = max(bisect.bisect_right(lst, (w, "\uffff")), c)
                 while i < len(lst) and lst[i][0] <= hi and len(removed) < page_size:
                     mid = lst[i][1]
-                    m = self.msgs.get(mid)
+                    m = items.get(mid)
                     if (m is None or m.folder != folder) and mid not in removed:
                         removed.append(mid)
                     i += 1
@@ -474,7 +512,7 @@ class Mailbox:
             i = max(bisect.bisect_right(lst, (w, "\uffff")), c)
             while i < len(lst) and lst[i][0] <= hi and len(upserts) + len(removed) < page_size:
                 seq, mid = lst[i]
-                m = self.msgs.get(mid)
+                m = items.get(mid)
                 if m is not None and m.folder == folder and m.seq == seq:
                     upserts.append(m)
                 i += 1
@@ -569,6 +607,8 @@ class Mailbox:
                 return self._add_attachment(op)
             if kind == "update_message":
                 return self._update(op)
+            if kind in fidelity.X_OPS:
+                return fidelity.apply(self, op)
             if kind == "expire_delta_tokens":
                 self.token_epoch += 1
                 return self.token_epoch
@@ -723,7 +763,7 @@ class TenantModel:
 
     # ground truth -----------------------------------------------------------------------------------
     def truth(self, user_ref: str | None = None, with_hashes: bool = True,
-              semantic_view: bool = False) -> dict[str, Any]:
+              semantic_view: bool = False, fidelity_view: bool = False) -> dict[str, Any]:
         """Every mailbox as it is now. ``with_hashes``: each item's MIME size, sha256 and internetMessageId
         (generates every item's MIME). ``semantic_view``: each item's ``semantic`` dict, what a person sees
         (:func:`mailpipe.sim.semantic.summarize` of its MIME plus read, draft, flag, categories and times)."""
@@ -752,4 +792,6 @@ class TenantModel:
                 if semantic_view:
                     it["semantic"] = {**semantic.summarize(data), **state}
             out["mailboxes"][mb.user.upn] = {"id": uid, "folders": folders, "items": [it for _, it, _ in items]}
+            if fidelity_view:
+                out["mailboxes"][mb.user.upn]["fidelity"] = fidelity.truth(mb, with_hashes)
         return out

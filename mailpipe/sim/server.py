@@ -27,7 +27,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from mailpipe.sim import posted
+from mailpipe.sim import export_api, fidelity, posted
 from mailpipe.sim.model import Mailbox, Msg, NotFound, TenantModel, TokenError
 from mailpipe.sim.posted import MAX_REQUEST_BYTES, GraphError
 
@@ -91,6 +91,9 @@ class FaultConfig:
     # delta
     expired_token_status: int = 410  # how an unusable delta token is answered: 410, 400 or 404 (Graph sends all 3)
     p_item_without_id: float = 0.0   # a message delta upsert sent without its "id"
+    # the export API (exportItems): per-item errors inside a 200 answer
+    fail_exports: dict[str, int] = field(default_factory=dict)   # item id -> status (404, 500, 503, 403), forever
+    p_export_item_error: float = 0.0  # a transient per-item error (ErrorInternalServerTransientError)
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in self.bad_values.items() if v not in _BAD_BODIES}
@@ -120,6 +123,7 @@ class LimitConfig:
     upload_bytes: int = 150 * 1024 * 1024       # 157,286,400 bytes of request bodies...
     upload_window_seconds: float = 300.0        # ...per 5 minutes, sliding
     upload_session_seconds: float = 900.0       # lifetime of an attachment upload session (not extended by PUTs)
+    import_session_seconds: float = 3600.0      # lifetime of an import session's importUrl (its own token)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LimitConfig:
@@ -199,6 +203,8 @@ class SimServer:
         self.last_request = time.monotonic()
         self.counters: dict[str, _MailboxCounters] = defaultdict(_MailboxCounters)
         self.upload_sessions: dict[str, _UploadSession] = {}
+        self.import_sessions: dict[str, export_api.ImportSession] = {}
+        self.expired_import_tokens: dict[str, str] = {}  # token -> user id, once expired (401 from then on)
         self.reset_stats()
         self.app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         self.app.router.add_route("*", "/{tail:.*}", self.handle)
@@ -228,6 +234,12 @@ class SimServer:
         self.upload_session_info: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
         self.upload_with_bearer: dict[str, int] = defaultdict(int)
         self.upload_throttled: dict[str, int] = defaultdict(int)
+        # the export/import API
+        self.export_downloads: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.export_bytes: dict[str, int] = defaultdict(int)
+        self.imported_items: dict[str, int] = defaultdict(int)
+        self.import_session_count: dict[str, int] = defaultdict(int)
+        self.import_expired: dict[str, int] = defaultdict(int)  # POSTs with an expired import token (401)
         for c in getattr(self, "counters", {}).values():
             c.max_seen = c.inflight
 
@@ -244,7 +256,10 @@ class SimServer:
             **{name: {upn.get(k, k): v for k, v in getattr(self, name).items()}
                for name in ("uploaded_bytes", "created_messages", "created_folders", "attachments_added",
                             "updated_messages", "deleted_messages", "upload_puts", "upload_with_bearer",
-                            "upload_throttled")},
+                            "upload_throttled", "export_bytes", "imported_items")},
+            "export_downloads": {upn.get(k, k): dict(v) for k, v in self.export_downloads.items()},
+            "import_sessions": {upn.get(k, k): v for k, v in self.import_session_count.items()},
+            "import_expired": {upn.get(k, k): v for k, v in self.import_expired.items()},
             "upload_ranges": {upn.get(k, k): {sid: [list(r) for r in rs] for sid, rs in v.items()}
                               for k, v in self.upload_ranges.items()},
             "upload_sessions": {upn.get(k, k): {sid: dict(i) for sid, i in v.items()}
@@ -360,6 +375,8 @@ class SimServer:
         if not self._authorized(request):
             return graph_error(401, "InvalidAuthenticationToken", "Access token is empty, expired or invalid.")
         low = [s.lower() for s in segs]
+        if low[:3] == ["admin", "exchange", "mailboxes"]:
+            return await export_api.route(self, request, segs, low)
         if not low or low[0] != "users":
             return graph_error(400, "BadRequest", "Resource not found for the segment.")
         if len(segs) == 1:
@@ -457,6 +474,10 @@ class SimServer:
                 return await self.write_route(request, mb, segs, low, immutable)
             if low == ["messages"]:
                 return self.message_list(request, mb, None, immutable)
+            if low == ["settings", "exchange"]:
+                return web.json_response({"@odata.context": f"{self.base_url}/v1.0/$metadata#users('{mb.user.id}')"
+                                                            "/settings/exchange/$entity",
+                                          "primaryMailboxId": fidelity.mailbox_id(mb)})
             if low[:1] == ["mailfolders"]:
                 if len(segs) == 1:
                     return self.folder_list(request, mb, mb.root_id)
@@ -945,6 +966,14 @@ class SimServer:
         from urllib.parse import unquote
 
         path = unquote(re.sub(r"/+", "/", request.rel_url.raw_path))
+        mi = export_api.IMPORT_PATH.fullmatch(path)
+        if mi:
+            try:
+                return await export_api.handle_import(self, request, mi.group(1))
+            except _Reset:
+                if request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError() from None
         mt = re.fullmatch(r"/api/v2\.0/Users\('([^']*)'\)/Messages\('([^']*)'\)/AttachmentSessions\('([^']*)'\)/?",
                           path, re.I)
         self._expire_sessions()
@@ -1039,7 +1068,8 @@ class SimServer:
                 user = request.query.get("user")
                 hashes = request.query.get("hashes", "1") != "0"
                 sem = request.query.get("semantic", "0").lower() in ("1", "true")
-                return web.json_response(await loop.run_in_executor(None, self.model.truth, user, hashes, sem))
+                fid = request.query.get("fidelity", "0").lower() in ("1", "true")
+                return web.json_response(await loop.run_in_executor(None, self.model.truth, user, hashes, sem, fid))
             if segs[:1] == ["mime"] and len(segs) == 3:
                 mb = self.model.mailbox(segs[1])
                 m = mb.msgs.get(segs[2])
@@ -1048,7 +1078,9 @@ class SimServer:
                 return web.Response(body=mb.mime(m), content_type="message/rfc822")
             if what == "mutate":
                 mb = self.model.mailbox(body["user"])
-                ops = body.get("ops") or mb.random_ops(int(body.get("random", 0)), int(body.get("seed", 0)))
+                ops = body.get("ops") or (mb.random_ops(int(body.get("random", 0)), int(body.get("seed", 0)))
+                                          + fidelity.random_ops(mb, int(body.get("random_items", 0)),
+                                                                int(body.get("seed", 0))))
                 applied = self.model.mutate(body["user"], ops)
                 return web.json_response({"applied": applied, "ops": ops})
             if what == "faults":
@@ -1060,6 +1092,8 @@ class SimServer:
             if what == "expire_delta_tokens":
                 self.model.mutate(body["user"], [{"op": "expire_delta_tokens"}])
                 return web.json_response({"ok": True})
+            if what == "expire_import_sessions":
+                return web.json_response({"expired": export_api.expire_sessions(self, body["user"])})
             if what == "revoke_tokens":
                 self.revoke_tokens()
                 return web.json_response({"ok": True})
@@ -1137,6 +1171,8 @@ def _kind(low: list[str], method: str = "GET", filtered: bool = False) -> str:
         return "other"
     if method not in ("GET", "HEAD"):
         return _write_kind(low, method)
+    if low == ["settings", "exchange"]:
+        return "settings"
     if filtered and (low == ["messages"] or (low[0] == "mailfolders" and low[2:] == ["messages"])):
         return "lookup"
     if low[0] == "mailfolders":
