@@ -1,6 +1,6 @@
 """Run every benchmark and print their figures: `.venv/bin/python -m bench` (or `make bench`)."""
 
-from bench import backup_bench, chaos, dagster_bench, format_bench, repo_bench, restore_bench, sim_rps
+from bench import backup_bench, chaos, format_bench, orchestration_bench, repo_bench, restore_bench, sim_rps
 
 if __name__ == "__main__":
     sim_rps.main()
@@ -9,7 +9,7 @@ if __name__ == "__main__":
     print()
     backup_bench.main([])
     print()
-    dagster_bench.main([])
+    orchestration_bench.main([])
     print()
     restore_bench.main([])
     print()

@@ -496,7 +496,6 @@ def test_webserver_and_daemon_run_a_ui_backfill_in_batches_and_dagsters_run_retr
     assert not again, f"items stored by the failed attempt downloaded again: {again} (first: {dict(first)})"
 
 
-@BOTH_BACKENDS
 def test_failed_dagster_job_execute_run_is_retried_by_the_sensor_under_a_real_daemon(env):
     """`dagster job execute` runs have no code-location origin: Dagster tags the failed run
     dagster/will_retry=true but its retry daemon cannot re-launch it. The sensor must retry the mailbox
