@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup services demo test bench clean
 
 setup: $(STAMP)
 
@@ -20,10 +20,21 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/mailpipe demo
 
-test: setup
+# The servers the tests start for themselves (a throwaway PostgreSQL and Redis, mailpipe_tests/servers.py)
+# need Debian's postgresql and redis-server packages: installed when missing (as root, with apt-get).
+# Nothing is started here and no system service is used.
+services:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v redis-server >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing postgresql and redis-server (apt-get)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql redis-server >/dev/null; \
+	else echo "the tests need PostgreSQL (initdb, pg_ctl) and redis-server: install Debian's postgresql and redis-server" >&2; exit 1; fi
+
+test: setup services
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-bench: setup
+bench: setup services
 	$(BIN)/python -m bench
 
 clean:

@@ -1,6 +1,6 @@
 """Run every benchmark and print their figures: `.venv/bin/python -m bench` (or `make bench`)."""
 
-from bench import (backup_bench, chaos, cpu_bench, dagster_bench, fidelity_bench, format_bench, repo_bench,
+from bench import (backup_bench, chaos, cpu_bench, fidelity_bench, format_bench, orchestration_bench, repo_bench,
                    restore_bench, sim_rps)
 
 if __name__ == "__main__":
@@ -12,7 +12,7 @@ if __name__ == "__main__":
     print()
     cpu_bench.main(["--only", "1"])  # its part 2 is backup_bench's part 2a, run just above
     print()
-    dagster_bench.main([])
+    orchestration_bench.main([])
     print()
     restore_bench.main([])
     print()

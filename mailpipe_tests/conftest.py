@@ -102,3 +102,46 @@ def s3_bucket(s3_server):
     bucket = f"b-{uuid.uuid4().hex[:12]}"
     make_s3_client(s3_server, "us-east-1").create_bucket(Bucket=bucket)
     return s3_server, bucket
+
+
+# -- Dagster instance storage: SQLite, and a real PostgreSQL ----------------------------------------------
+# Tests that use the `env` fixture of test_defs (a Dagster home) run on SQLite; those marked
+# `@pytest.mark.backends("sqlite", "postgres")` run on both, on a fresh database of a throwaway PostgreSQL
+# server (one per test process, mailpipe_tests/servers.py).
+
+def pytest_generate_tests(metafunc):
+    if "dagster_storage" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("backends")
+        metafunc.parametrize("dagster_storage", list(marker.args) if marker else ["sqlite"], indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throwaway PostgreSQL server (initdb + pg_ctl under a temp dir, 127.0.0.1, fsync off)."""
+    from mailpipe_tests.servers import PostgresServer
+
+    with PostgresServer() as pg:
+        yield pg
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A throwaway redis-server (127.0.0.1, no persistence)."""
+    from mailpipe_tests.servers import RedisServer
+
+    with RedisServer() as r:
+        yield r
+
+
+@pytest.fixture
+def dagster_storage(request):
+    """The instance's storage: None for SQLite under $DAGSTER_HOME (the project's dagster.yaml as it is), or
+    the `storage:` section of a dagster.yaml naming a fresh PostgreSQL database (dropped afterwards)."""
+    if request.param == "sqlite":
+        yield None
+        return
+    assert request.param == "postgres", request.param
+    pg = request.getfixturevalue("postgres_server")
+    db = pg.create_database()
+    yield pg.storage_config(db)
+    pg.drop_database(db)

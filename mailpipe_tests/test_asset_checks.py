@@ -24,6 +24,7 @@ from mailpipe_tests.conftest import make_tenant
 from mailpipe_tests.helpers import backup
 from mailpipe_tests.test_defs import (  # noqa: F401  (env: the fixture)
     BIN,
+    BOTH_BACKENDS,
     ROOT,
     dagster_webserver,
     env,
@@ -188,6 +189,7 @@ EXECUTIONS_QUERY = """query Executions($k: AssetKeyInput!, $c: String!, $p: Stri
       ... on IntMetadataEntry { intValue } } } } }"""
 
 
+@BOTH_BACKENDS
 def test_checks_show_per_mailbox_pass_and_fail_with_their_problems(env, monkeypatch):
     """snapshot_structure runs per partition after each materialization and passes; a snapshot damaged
     before the next materialization reports it (ERROR, the problems in the metadata): a retried run that

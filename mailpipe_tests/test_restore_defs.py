@@ -15,6 +15,7 @@ from mailpipe_tests.conftest import make_tenant
 from mailpipe_tests.helpers import backup
 from mailpipe_tests.test_defs import (  # noqa: F401  (env: the fixture)
     BIN,
+    BOTH_BACKENDS,
     dagster_daemon,
     dagster_webserver,
     env,
@@ -61,6 +62,7 @@ def test_restore_job_from_dagster_job_execute_with_run_config(env):
     assert out.returncode != 0 and "has no folder 'no such folder'" in out.stdout + out.stderr
 
 
+@BOTH_BACKENDS
 def test_restore_job_launched_as_the_ui_launchpad_does(env):
     sim = env["sim"]
     a, b = [u for u in sim.truth(hashes=False)["mailboxes"] if not u.startswith(("shared-", "nomailbox"))][:2]

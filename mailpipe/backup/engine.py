@@ -85,7 +85,10 @@ def sweep_work_dirs(tenant_work: str, older_than: float) -> int:
     for e in entries:
         if not e.is_dir(follow_symlinks=False) or e.name.startswith("."):  # .index-cache: shared, kept
             continue
-        newest = e.stat(follow_symlinks=False).st_mtime
+        try:
+            newest = e.stat(follow_symlinks=False).st_mtime
+        except FileNotFoundError:  # its backup ended (and removed it) since the listing: another process's
+            continue
         for dirpath, _, files in os.walk(e.path):
             for f in files:
                 try:

@@ -33,4 +33,8 @@ def build_definitions() -> dg.Definitions:
         sensors=[discover_mailboxes, retry_failed_mailboxes],
         schedules=[backup_all_mailboxes, verify_content_sample, maintain_all_repositories],
         resources={"mailpipe": MailpipeResource.from_settings(SETTINGS)},
+        # every job's default, UI backfills' implicit asset job included: a run has one step (the batch's
+        # mailboxes run concurrently inside it), so the multiprocess executor's step process only adds
+        # ~1–1.5 s per run (docs/OPERATIONS.md); and a Celery worker's pool process may not start one
+        executor=dg.in_process_executor,
     )
