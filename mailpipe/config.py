@@ -129,6 +129,9 @@ class TenantConfig:
     restore: RestoreConfig | None = None  # write credentials for restores (default: the tenant's own)
     retention: RetentionConfig | None = None  # which snapshots `forget` keeps (None: all of them)
     encryption: EncryptionConfig | None = None  # client-side encryption (chosen when the repository is created)
+    # Dagster assets (and partition sets) the tenant's mailboxes are spread over, by a hash of the UPN:
+    # more than 1 only past ~80,000 mailboxes (docs/OPERATIONS.md, "Fleet layout"); chosen once
+    shards: int = 1
 
     @property
     def uses_embedded_simulator(self) -> bool:
@@ -224,7 +227,7 @@ def parse_tenants(doc: Any, source: str = "<tenants>") -> list[TenantConfig]:
 
 _TENANT_FIELDS = {
     "name", "tenant_id", "client_id", "auth", "graph_url", "authority", "ca_bundle", "storage", "s3",
-    "mailboxes", "limits", "simulator", "restore", "encryption", "retention",
+    "mailboxes", "limits", "simulator", "restore", "encryption", "retention", "shards",
 }
 
 
@@ -328,6 +331,7 @@ def _parse_tenant(raw: Any, where: str) -> TenantConfig:
         graph_url=graph_url, authority=authority, ca_bundle=ca_bundle, s3=s3, mailboxes=mailboxes,
         limits=limits, simulator=dict(sim), restore=restore,
         retention=parse_retention(raw.get("retention"), err), encryption=encryption,
+        shards=_pos_int(raw.get("shards", 1), "shards", err, 99),
     )
 
 
