@@ -75,7 +75,7 @@ def route(context: dg.OpExecutionContext, mailpipe: MailpipeResource, family: st
         raise dg.Failure(description="\n".join(problems), allow_retries=False)
     keys = [k for r in routes for k in r.keys]
     if MAILBOXES_TAG not in tags:
-        context.instance.add_run_tags(context.run_id, range_tags(keys))
+        context.instance.add_run_tags(context.run_id, range_tags(sorted(keys)))
     passed = {k: v for k, v in tags.items() if not k.startswith("dagster/") and k not in _NOT_PASSED}
     retry_of = tags.get("dagster/root_run_id") or tags.get("dagster/parent_run_id") or tags.get(RETRY_OF_TAG)
     # the shard runs use this run's resource config (a Launchpad override applies to them too)
