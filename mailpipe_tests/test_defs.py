@@ -475,6 +475,58 @@ def test_retry_sensor_orders_failed_keys_by_position_and_batches_contiguous_bloc
         assert all(cur[k]["attempts"] == 0 for k in failing - set(want))  # the next ticks' share
 
 
+def test_migrating_an_instance_from_the_single_set_layout(env):
+    """An instance of the pre-fleet layout (every key in `mailboxes`, the asset `mailbox_backup` on it, with
+    its history): `mailpipe migrate-partitions` registers every key in its shard's set (sorted; vanished
+    mailboxes too; unknown tenants left alone), the old history stays readable, and the new layout runs."""
+    from mailpipe.defs.partitions import LEGACY_ASSET_KEY, routing_partitions
+    from mailpipe.defs.sensors import plan_retries
+
+    inst = env["instance"]
+    from mailpipe.defs.discovery import discover_all
+    from mailpipe.defs.resources import MailpipeResource
+
+    [rep] = discover_all(MailpipeResource(), inst)
+    keys = rep.new_keys
+    old = keys[2:] + keys[:2] + ["t1:left@company.example", "gone:x@gone.example"]  # two discovery batches
+    inst.add_dynamic_partitions("mailboxes", old)
+
+    @dg.asset(name="mailbox_backup", partitions_def=routing_partitions)  # what the old release defined
+    def legacy(context):
+        if context.partition_key == keys[1]:
+            raise dg.Failure("failed then")
+        return dg.MaterializeResult(metadata={"snapshot_id": "20261101T020000Z-abcd"})
+
+    assert dg.materialize([legacy], partition_key=keys[0], instance=inst).success
+    assert not dg.materialize([legacy], partition_key=keys[1], instance=inst, raise_on_error=False).success
+
+    out = cli(env, "mailpipe", "migrate-partitions", "--dry-run")
+    assert out.returncode == 0 and "mailboxes__t1: 5 to register, 0 already there" in out.stdout, out.stderr
+    assert inst.get_dynamic_partitions("mailboxes__t1") == []
+    out = cli(env, "mailpipe", "migrate-partitions")
+    assert out.returncode == 0, out.stderr
+    assert "mailboxes__t1: 5 registered" in out.stdout and "tenant gone: 1 key(s)" in out.stdout
+    assert "mailbox_backup keeps its history" in out.stdout
+    assert inst.get_dynamic_partitions("mailboxes__t1") == sorted(keys + ["t1:left@company.example"])
+    assert "0 registered, 5 already there" in cli(env, "mailpipe", "migrate-partitions").stdout  # idempotent
+
+    # the old history, as before: statuses and materializations of mailbox_backup on `mailboxes`
+    st = inst.get_status_by_partition(LEGACY_ASSET_KEY, keys[:2], routing_partitions)
+    assert st == {keys[0]: dg.AssetPartitionStatus.MATERIALIZED, keys[1]: dg.AssetPartitionStatus.FAILED}
+    [rec] = inst.fetch_materializations(dg.AssetRecordsFilter(asset_key=LEGACY_ASSET_KEY,
+                                                              asset_partitions=[keys[0]]), limit=1).records
+    assert rec.asset_materialization.metadata["snapshot_id"].value == "20261101T020000Z-abcd"
+    assert inst.get_dynamic_partitions("mailboxes") == old  # the routing index is the old set, untouched
+
+    # the new layout: nothing new to discover, the old failure is not retried (the new asset's own statuses
+    # count; the next scheduled backup covers every mailbox), a backup lands on the new asset
+    [rep] = discover_all(MailpipeResource(), inst)
+    assert rep.new_keys == [] and rep.known == len(keys) and rep.vanished == ["t1:left@company.example"]
+    assert plan_retries(inst, {}, time.time(), max_attempts=3, backoff_s=0, per_tick=10, batch_size=25)[0] == []
+    assert run_job(env, {"dagster/partition": keys[1]}).success
+    assert statuses(env, keys[:2]) == {keys[0]: None, keys[1]: "MATERIALIZED"}
+
+
 def test_schedule_sweeps_every_mailbox_in_runs_over_several_ticks_with_a_cursor(fleet):
     """backup_all_mailboxes: at the cron time a sweep begins; each tick launches at most N runs (none while N
     of the sweep's are still queued), each over a contiguous block of one shard; the cursor carries the
@@ -487,7 +539,10 @@ def test_schedule_sweeps_every_mailbox_in_runs_over_several_ticks_with_a_cursor(
     inst.add_dynamic_partitions("mailboxes__small", extra)
     everything = {k for s in layout().shards for k in inst.get_dynamic_partitions(s.partitions_name)}
     t0 = datetime(2026, 11, 25, 2, 0, 30, tzinfo=timezone.utc).timestamp()
-    cursor: dict = {}
+    # a new sensor starts nothing before the next cron time (as a schedule would)
+    none, cursor, notes = plan_sweep(inst, layout(), {}, t0 - 3600, cron="0 2 * * *", batch_size=10, runs_per_tick=2)
+    assert none == [] and "next cron time" in notes[0]
+    assert plan_sweep(inst, layout(), cursor, t0 - 60, cron="0 2 * * *", batch_size=10, runs_per_tick=2)[0] == []
     covered: list[str] = []
     ticks = 0
     cache = KeyCache(inst, layout())

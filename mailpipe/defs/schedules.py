@@ -7,7 +7,8 @@ One tick creating a run per batch of every mailbox (40,000 runs at 1M mailboxes)
 shard's partition set in registration order (contiguous ranges of one shard's job). The cursor holds the
 sweep (its cron time) and the position reached in each shard: ``{"sweep": ISO time, "pos": {set: next
 index}, "done": [sets finished]}``. A sweep not finished when the next cron time comes is abandoned (the
-new one starts from the beginning; its mailboxes are in it) and the log says so.
+new one starts from the beginning; its mailboxes are in it) and the log says so. Like a schedule, a new
+sensor (no cursor) starts with the next cron time, not the last one.
 """
 
 
@@ -35,6 +36,9 @@ def plan_sweep(instance: dg.DagsterInstance, layout: Layout, cursor: dict, now: 
     """(run requests, new cursor, log lines) of one tick of the sweep."""
     notes: list[str] = []
     sweep = sweep_time(cron, now)
+    if not cursor.get("sweep"):  # a new sensor, like a new schedule, waits for the next cron time
+        notes.append(f"the first sweep begins at the next cron time ({cron} UTC) after {sweep}")
+        return [], {"sweep": sweep, "pos": {}, "done": [], "finished": True}, notes
     if cursor.get("sweep") != sweep:
         if cursor.get("sweep") and not cursor.get("finished"):
             notes.append(f"sweep {cursor['sweep']} had not finished when sweep {sweep} began: the new sweep "
