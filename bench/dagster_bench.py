@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mailpipe.backup import backup_mailboxes
     from mailpipe.config import load_tenants
-    from mailpipe.defs.discovery import discover_all
-    from mailpipe.defs.partitions import mailboxes_partitions
+    from mailpipe.defs.discovery import discover_all, register
+    from mailpipe.defs.partitions import Shard
     from mailpipe.defs.resources import MailpipeResource
     from mailpipe_tests.conftest import free_port
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.update({"MAILPIPE_TENANTS": tfile, "DAGSTER_HOME": home})
         instance = dg.DagsterInstance.get()
         [rep] = discover_all(MailpipeResource(), instance)
-        instance.add_dynamic_partitions("mailboxes", rep.new_keys)
+        register(instance, [rep])
         keys = rep.new_keys
 
         # the engine alone, into a separate repository
@@ -83,16 +83,16 @@ def main(argv: list[str] | None = None) -> dict:
             q = """mutation L($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
                 __typename ... on PythonError { message } } }"""
             body = json.dumps({"query": q, "variables": {"p": {
-                "partitionNames": keys, "assetSelection": [{"path": ["mailbox_backup"]}],
+                "partitionNames": keys, "assetSelection": [{"path": ["mailbox_backup", "b"]}],
                 "tags": [{"key": "tenant", "value": "b"}]}}}).encode()
             t1 = time.perf_counter()
             r = json.loads(urllib.request.urlopen(urllib.request.Request(
                 f"http://127.0.0.1:{port}/graphql", data=body, headers={"Content-Type": "application/json"}),
                 timeout=60).read())
             assert r["data"]["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", r
-            asset = dg.AssetKey("mailbox_backup")
+            shard = Shard("b")  # tenant b's asset (one shard)
             while True:
-                st = instance.get_status_by_partition(asset, keys, mailboxes_partitions) or {}
+                st = instance.get_status_by_partition(shard.asset_key, keys, shard.partitions_def) or {}
                 done = sum(1 for v in st.values() if v == dg.AssetPartitionStatus.MATERIALIZED)
                 failed = sum(1 for v in st.values() if v == dg.AssetPartitionStatus.FAILED)
                 if done + failed == len(keys):

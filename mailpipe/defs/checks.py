@@ -1,13 +1,13 @@
-"""Asset checks on each ``mailbox_backup/<tenant>[/<shard>]`` asset, one result per mailbox (partition): what ``mailpipe check`` finds,
-shown where users look.
+"""Asset checks on each ``mailbox_backup/<tenant>[/<shard>]`` asset, one result per mailbox (partition):
+what ``mailpipe check`` finds, shown where users look.
 
 - ``snapshot_structure``: after each mailbox's materialization, the structural check of the snapshot just
   committed (commit record, manifest and folder table read and validated whole, every chunk they name
   present; no content read). Run inside the asset's step, by :func:`snapshot_structure_evaluations`.
 - ``content_sample``: a rotating ``--read-data`` check: each day's run reads and verifies the chunks in
   one slice of ``MAILPIPE_SAMPLE_CHECK_DAYS`` (30) that the mailboxes' snapshots reference, so every chunk
-  is read once a cycle. Its own job and daily schedule, one run per tenant's block of mailboxes; a problem
-  fails the check (ERROR) and the run.
+  is read once a cycle. Its own jobs (one per shard, and the entry point ``content_sample_job``) and daily
+  schedule, one run per tenant; a problem fails the check (ERROR) and the run.
 
 Both are *partitioned* checks (Dagster 1.13 shows a partitioned check's status per partition: the asset's
 Checks tab → the check → its partitions, each with its latest evaluation and metadata). A batched run
@@ -40,12 +40,13 @@ SAMPLE_JOB = "content_sample_job"  # the entry point (routing.py); each shard ha
 
 
 def snapshot_structure_spec(shard: Shard) -> dg.AssetCheckSpec:
+    """The ``snapshot_structure`` check of one shard's asset (declared on the asset, which runs it)."""
     return dg.AssetCheckSpec(
-    SNAPSHOT_STRUCTURE, asset=shard.asset_key, partitions_def=shard.partitions_def, blocking=False,
-    description="The snapshot this materialization committed is restorable as far as can be seen without "
-    "reading content: its commit record, manifest and folder table are read and validated whole, and every "
-    "chunk they name is in the repository. Fails (ERROR) listing the first problems; missing chunks are "
-    "marked for repair by the next backup.",
+        SNAPSHOT_STRUCTURE, asset=shard.asset_key, partitions_def=shard.partitions_def, blocking=False,
+        description="The snapshot this materialization committed is restorable as far as can be seen without "
+        "reading content: its commit record, manifest and folder table are read and validated whole, and every "
+        "chunk they name is in the repository. Fails (ERROR) listing the first problems; missing chunks are "
+        "marked for repair by the next backup.",
     )
 
 

@@ -279,15 +279,3 @@ def contiguous_ranges(index: KeyIndex, wanted: Iterable[str], batch_size: int, s
     if cur:
         yield KeyRange(cur[0].partition(":")[0], tuple(cur), shard)
 
-
-def keys_of_run_tags(tags: dict[str, str], all_keys: list[str], index: dict[str, int] | None = None) -> list[str]:
-    """The keys a run covers, from its partition tags, over one set's ``all_keys`` (registration order)."""
-    if "dagster/partition" in tags:
-        return [tags["dagster/partition"]]
-    s, e = tags.get("dagster/asset_partition_range_start"), tags.get("dagster/asset_partition_range_end")
-    if s is None or e is None:
-        return []
-    index = index if index is not None else {k: i for i, k in enumerate(all_keys)}
-    if s not in index or e not in index:
-        return [k for k in (s, e) if k]
-    return all_keys[index[s]: index[e] + 1]
