@@ -523,8 +523,24 @@ def test_migrating_an_instance_from_the_single_set_layout(env):
     [rep] = discover_all(MailpipeResource(), inst)
     assert rep.new_keys == [] and rep.known == len(keys) and rep.vanished == ["t1:left@company.example"]
     assert plan_retries(inst, {}, time.time(), max_attempts=3, backoff_s=0, per_tick=10, batch_size=25)[0] == []
-    assert run_job(env, {"dagster/partition": keys[1]}).success
-    assert statuses(env, keys[:2]) == {keys[0]: None, keys[1]: "MATERIALIZED"}
+    res = run_job(env, {"dagster/partition": keys[1]})  # launched without the readable tags, as by hand
+    assert res.success and statuses(env, keys[:2]) == {keys[0]: None, keys[1]: "MATERIALIZED"}
+    tags = inst.get_run_by_id(res.run_id).tags  # the asset added them when the run started
+    assert tags["mailpipe/mailboxes"] == "1" and tags["mailpipe/range"] == keys[1]
+
+
+def test_registration_is_split_into_requests_sqlite_accepts():
+    """One add of 300,000 keys fails on SQLite (too many SQL variables): discovery's requests carry at most
+    ADD_CHUNK keys each, in order, for the shard sets and the routing index."""
+    from mailpipe.defs.discovery import ADD_CHUNK, TenantDiscovery, registration_requests
+
+    keys = [f"big:u{i:06d}@x" for i in range(2 * ADD_CHUNK + 1)]
+    rep = TenantDiscovery("big", new_keys=keys, new_by_set={"mailboxes__big": keys})
+    reqs = registration_requests([rep])
+    assert [(r.partitions_def_name, len(r.partition_keys)) for r in reqs] == [
+        ("mailboxes__big", ADD_CHUNK), ("mailboxes__big", ADD_CHUNK), ("mailboxes__big", 1),
+        ("mailboxes", ADD_CHUNK), ("mailboxes", ADD_CHUNK), ("mailboxes", 1)]
+    assert [k for r in reqs[:3] for k in r.partition_keys] == keys and ADD_CHUNK <= 100_000
 
 
 def test_schedule_sweeps_every_mailbox_in_runs_over_several_ticks_with_a_cursor(fleet):
@@ -741,6 +757,12 @@ def test_webserver_and_daemon_run_a_ui_backfill_in_batches_and_dagsters_run_retr
     retry = runs[1]
     assert retry.dagster_run.tags.get("dagster/parent_run_id") == failed.dagster_run.run_id
     assert "dagster/sensor_name" not in retry.dagster_run.tags
+    # the backfill's runs say what they cover (tagged by the asset when they started: a UI backfill's
+    # runs are created by Dagster, without mailpipe's tags)
+    for r in originals:
+        t = inst.get_run_by_id(r.dagster_run.run_id).tags
+        assert t["mailpipe/mailboxes"] == "2" and t["mailpipe/range"] == (
+            f"{t['dagster/asset_partition_range_start']} … {t['dagster/asset_partition_range_end']}")
     assert retry.dagster_run.status == dg.DagsterRunStatus.SUCCESS
     both = Counter(sim.stats()["mime_downloads"][upn])
     assert set(both) == set(sim.model.mailbox(upn).msgs)

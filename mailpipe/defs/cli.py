@@ -85,6 +85,7 @@ def _discover(args: argparse.Namespace) -> int:
 
 def migrate_partitions(instance, layout, dry_run: bool = False) -> list[str]:
     """Register every key of the routing index in its shard's set; one line per set (and per unknown tenant)."""
+    from mailpipe.defs.discovery import add_requests
     from mailpipe.defs.partitions import MAX_KEYS_PER_SET, ROUTING_PARTITIONS, KeyCache, split_key
 
     cache = KeyCache(instance, layout)
@@ -106,7 +107,8 @@ def migrate_partitions(instance, layout, dry_run: bool = False) -> list[str]:
                          f"{MAX_KEYS_PER_SET:,}): give tenant {shard.tenant} more shards; nothing registered")
             continue
         if new and not dry_run:
-            instance.add_dynamic_partitions(shard.partitions_name, new)
+            for req in add_requests(shard.partitions_name, new):
+                instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
         lines.append(f"{shard.partitions_name}: {len(new)} {'to register' if dry_run else 'registered'}, "
                      f"{len(index)} already there (asset {shard.asset_key.to_user_string()})")
     for t, n in sorted(unknown.items()):

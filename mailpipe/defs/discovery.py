@@ -69,15 +69,24 @@ def discover_tenant(resource: MailpipeResource, instance: dg.DagsterInstance, te
     return out
 
 
+# Keys per add request: Dagster checks every key of one add in a single `IN (...)` query, and SQLite refuses
+# more than 250,000 variables (the first discovery of a 300,000-mailbox tenant failed in one request).
+ADD_CHUNK = 50_000
+
+
+def add_requests(name: str, keys: list[str]) -> list[dg.AddDynamicPartitionsRequest]:
+    """Requests adding ``keys`` to the set ``name``, in order, at most ADD_CHUNK keys each."""
+    return [dg.AddDynamicPartitionsRequest(partitions_def_name=name, partition_keys=keys[i: i + ADD_CHUNK])
+            for i in range(0, len(keys), ADD_CHUNK)]
+
+
 def registration_requests(reports: list[TenantDiscovery]) -> list[dg.AddDynamicPartitionsRequest]:
     """Add requests for the reports' new keys: each shard's set, and the routing index (all of them)."""
     out = []
     for r in reports:
         for name, keys in sorted(r.new_by_set.items()):
-            out.append(dg.AddDynamicPartitionsRequest(partitions_def_name=name, partition_keys=keys))
-    routing = [k for r in reports for k in r.new_keys]
-    if routing:
-        out.append(dg.AddDynamicPartitionsRequest(partitions_def_name=ROUTING_PARTITIONS, partition_keys=routing))
+            out += add_requests(name, keys)
+    out += add_requests(ROUTING_PARTITIONS, [k for r in reports for k in r.new_keys])
     return out
 
 
