@@ -23,13 +23,12 @@ from functools import cached_property
 
 import dagster as dg
 
-ROUTING_PARTITIONS = "mailboxes"        # every key: the routing index of the entry-point jobs
-PARTITIONS_NAME = ROUTING_PARTITIONS    # the pre-fleet name (one set for everything); kept for imports
+ROUTING_PARTITIONS = "mailboxes"        # every key: the routing index of the entry-point jobs (and the
+                                        # pre-fleet layout's one set)
 MAX_KEYS_PER_SET = 100_000              # Dagster's advice per asset; discovery refuses to go past it
 ASSET_PREFIX = "mailbox_backup"
 LEGACY_ASSET_KEY = dg.AssetKey(ASSET_PREFIX)  # the pre-fleet asset: its history stays in the event log
 routing_partitions = dg.DynamicPartitionsDefinition(name=ROUTING_PARTITIONS)
-mailboxes_partitions = routing_partitions  # pre-fleet name
 
 # characters that break Dagster's key handling (UI selection '|', IO paths '/', CLI ranges '...',
 # control characters); a mailbox whose UPN has them is reported, not registered
@@ -150,11 +149,6 @@ class Layout:
         n = self.counts.get(tenant)
         return None if n is None else Shard(tenant, shard_index(upn, n), n)
 
-    def by_name(self, partitions_name: str) -> Shard | None:
-        return next((s for s in self.shards if s.partitions_name == partitions_name), None)
-
-    def by_job(self, job_name: str) -> Shard | None:
-        return next((s for s in self.shards if job_name in (s.backup_job_name, s.sample_job_name)), None)
 
 
 @dataclass(frozen=True)
