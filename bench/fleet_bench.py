@@ -12,8 +12,8 @@ all by default). Measures, each printed with its figure:
    sensors' (:class:`KeyCache`), and for comparison the same on one set of every key (the old layout);
    the first tick of the backup schedule's sweep.
 Run: `.venv/bin/python -m bench.fleet_bench [--big 600000 --shards 8 --tenants 40 --small 10000]`.
-Most of its time (~8 of ~12 minutes on the shared 2-core machine) is Dagster recording the 50,000 failures
-it measures with (one event per failed partition, 8–13 ms each); `--failed 5000` runs in ~3 minutes.
+Most of its time (11–14 of 12–17 minutes on the shared 2-core machine) is Dagster recording the 50,000
+failures it measures with (one event per failed partition, 13–17 ms each); `--failed 5000` takes ~3 minutes.
 """
 
 from __future__ import annotations
