@@ -13,7 +13,7 @@ a fresh repository, and a webserver + daemon on 127.0.0.1. Then:
      (the per-tenant run limit), each batch one `backup_mailboxes` call in an already-started process;
    - **overhead per mailbox** = (backfill wall − pickup − work) / N: what Dagster adds (run queue, launch,
      process start and code load, event storage, status), pickup excluded; also shown with it.
-2. **Runs per minute**: `--runs` one-mailbox runs of `mailbox_backup_job` launched at once through the
+2. **Runs per minute**: `--runs` one-mailbox runs of the tenant's `mailbox_backup_job__<tenant>` launched at once through the
    GraphQL `launchRun` mutation (the UI's Launchpad), tagged `tenant`; R ÷ (last run's end − first launch).
    The mailboxes were backed up by the backfill, so each run is a no-change incremental (~20 Graph requests):
    this measures the launcher, not the engine.
@@ -111,8 +111,8 @@ def scenario(name: str, sim_url: str, work: str, pg, redis, args) -> dict:
     import dagster as dg
     import yaml
 
-    from mailpipe.defs.discovery import discover_all
-    from mailpipe.defs.partitions import mailboxes_partitions
+    from mailpipe.defs.discovery import discover_all, register
+    from mailpipe.defs.partitions import Shard
     from mailpipe.defs.resources import MailpipeResource
     from mailpipe.sim import write_tenants_file
     from mailpipe_tests.servers import CeleryWorker, free_port
@@ -140,7 +140,8 @@ def scenario(name: str, sim_url: str, work: str, pg, redis, args) -> dict:
     instance = dg.DagsterInstance.from_config(home)
     try:
         [rep] = discover_all(MailpipeResource(), instance)
-        instance.add_dynamic_partitions("mailboxes", rep.new_keys)
+        register(instance, [rep])  # the tenant's set and the routing index, as the discovery sensor does
+        shard = Shard(TENANT)  # one asset: the tenant is not sharded
         keys = rep.new_keys
         if redis is not None:
             worker = CeleryWorker(redis.url, work, env, concurrency=args.celery_concurrency).start(cwd=str(ROOT))
@@ -157,11 +158,11 @@ def scenario(name: str, sim_url: str, work: str, pg, redis, args) -> dict:
 
         # 1. the backfill
         t0 = time.time()
-        r = graphql(url, BACKFILL, {"p": {"partitionNames": keys, "assetSelection": [{"path": ["mailbox_backup"]}],
+        r = graphql(url, BACKFILL, {"p": {"partitionNames": keys, "assetSelection": [{"path": shard.asset_key.path}],
                                           "tags": [{"key": "tenant", "value": TENANT}]}})
         assert r["data"]["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", r
         backfill_id = r["data"]["launchPartitionBackfill"]["backfillId"]
-        asset = dg.AssetKey("mailbox_backup")
+        asset = shard.asset_key
         first_run = None
         deadline = time.monotonic() + args.timeout
         while True:
@@ -169,7 +170,7 @@ def scenario(name: str, sim_url: str, work: str, pg, redis, args) -> dict:
                 recs = instance.get_run_records(dg.RunsFilter(tags={"dagster/backfill": backfill_id}))
                 if recs:
                     first_run = min(x.create_timestamp.timestamp() for x in recs)
-            st = instance.get_status_by_partition(asset, keys, mailboxes_partitions) or {}
+            st = instance.get_status_by_partition(asset, keys, shard.partitions_def) or {}
             done = sum(1 for v in st.values() if v == dg.AssetPartitionStatus.MATERIALIZED)
             failed = sum(1 for v in st.values() if v == dg.AssetPartitionStatus.FAILED)
             if done + failed == len(keys):
@@ -189,7 +190,7 @@ def scenario(name: str, sim_url: str, work: str, pg, redis, args) -> dict:
         for k in burst:
             r = graphql(url, LAUNCH, {"p": {
                 "selector": {"repositoryLocationName": "mailpipe", "repositoryName": "__repository__",
-                             "jobName": "mailbox_backup_job"},
+                             "jobName": shard.backup_job_name},
                 "executionMetadata": {"tags": [{"key": "dagster/partition", "value": k},
                                                {"key": "tenant", "value": TENANT}]}}})
             assert r["data"]["launchRun"]["__typename"] == "LaunchRunSuccess", r

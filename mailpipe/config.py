@@ -132,6 +132,9 @@ class TenantConfig:
     # what a backup stores of each item: "mime" ($value of messages), "fidelity" (the mailbox export API: every
     # item type, full fidelity; MailboxItem.Export.All), "both" (docs/CONFIG.md)
     content: str = "mime"
+    # Dagster assets (and partition sets) the tenant's mailboxes are spread over, by a hash of the UPN:
+    # more than 1 only past ~80,000 mailboxes (docs/OPERATIONS.md, "Fleet layout"); chosen once
+    shards: int = 1
 
     @property
     def uses_embedded_simulator(self) -> bool:
@@ -230,7 +233,7 @@ CONTENT_MODES = ("mime", "fidelity", "both")
 
 _TENANT_FIELDS = {
     "name", "tenant_id", "client_id", "auth", "graph_url", "authority", "ca_bundle", "storage", "s3",
-    "mailboxes", "limits", "simulator", "restore", "encryption", "retention", "content",
+    "mailboxes", "limits", "simulator", "restore", "encryption", "retention", "content", "shards",
 }
 
 
@@ -337,6 +340,7 @@ def _parse_tenant(raw: Any, where: str) -> TenantConfig:
         graph_url=graph_url, authority=authority, ca_bundle=ca_bundle, s3=s3, mailboxes=mailboxes,
         limits=limits, simulator=dict(sim), restore=restore,
         retention=parse_retention(raw.get("retention"), err), encryption=encryption, content=content,
+        shards=_pos_int(raw.get("shards", 1), "shards", err, 99),
     )
 
 

@@ -83,6 +83,10 @@ TABLE: tuple[Setting, ...] = tuple(Setting(*row) for row in (
     ("batch_size", "MAILPIPE_BATCH_SIZE", 1,
      "mailboxes per run: backfills, the schedule, retries"),
     ("backup_cron", "MAILPIPE_BACKUP_CRON", None, "the backup schedule, cron, UTC"),
+    ("backup_runs_per_tick", "MAILPIPE_BACKUP_RUNS_PER_TICK", 1,
+     "backup runs the schedule's sweep launches per tick at most (and none while that many are still queued)"),
+    ("backup_sweep_interval", "MAILPIPE_BACKUP_SWEEP_INTERVAL", 1,
+     "seconds between ticks of the schedule's sweep"),
     ("discovery_interval", "MAILPIPE_DISCOVERY_INTERVAL", 1,
      "seconds between mailbox discovery sensor ticks"),
     ("mailbox_retry_interval", "MAILPIPE_MAILBOX_RETRY_INTERVAL", 1,
@@ -137,6 +141,8 @@ class Settings:
     max_parallel_mailboxes: int = 32
     batch_size: int = 25
     backup_cron: str = "0 2 * * *"
+    backup_runs_per_tick: int = 20
+    backup_sweep_interval: int = 30
     discovery_interval: int = 3600
     mailbox_retry_interval: int = 60
     mailbox_retry_max_attempts: int = 5

@@ -1,4 +1,4 @@
-"""Verification where users look: the asset checks on mailbox_backup (snapshot_structure after each
+"""Verification where users look: the asset checks on each mailbox_backup/<tenant> asset (snapshot_structure after each
 materialization, content_sample on a rotating slice), and the repository_maintenance job — with a real
 Dagster instance (in-process runs, `dagster job execute`, a webserver answering the UI's queries), the real
 engine and repository, and the simulator."""
@@ -33,7 +33,7 @@ from mailpipe_tests.test_defs import (  # noqa: F401  (env: the fixture)
     run_job,
 )
 
-KEY = dg.AssetKey("mailbox_backup")
+KEY = dg.AssetKey(["mailbox_backup", "t1"])
 
 
 # -- check_repository(sample=...) ------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def test_checks_show_per_mailbox_pass_and_fail_with_their_problems(env, monkeypa
     content_sample reads only its slice: damage outside it passes, inside it fails the check and the run.
     The webserver answers the UI's queries with each mailbox's status and problems."""
     from mailpipe.defs.checks import SAMPLE_TAG
-    from mailpipe.defs.partitions import KeyRange
+    from mailpipe.defs.partitions import RETRY_OF_TAG, KeyRange
     from mailpipe.defs.resources import MailpipeResource
     from mailpipe_tests.damage import corrupt_chunk
 
@@ -219,7 +219,8 @@ def test_checks_show_per_mailbox_pass_and_fail_with_their_problems(env, monkeypa
         assert md(ev)["snapshot_id"] == mats[k]["snapshot_id"] and md(ev)["problem_count"] == 0
         assert md(ev)["items"] == mats[k]["items_total"] and "problems" not in md(ev)
 
-    # (1) a's latest manifest disappears; a retry of the run reports the committed snapshots again
+    # (1) a's latest manifest disappears; a retry of the run (through the entry-point job, which runs t1's
+    # job for the range and hands it the retried run) reports the committed snapshots again
     repo = repository(env)
     key_a = snapshot_file(repo, mats[a]["snapshot_id"], "manifest.parquet")
     good_a = repo.store.get_bytes(key_a)
@@ -229,7 +230,10 @@ def test_checks_show_per_mailbox_pass_and_fail_with_their_problems(env, monkeypa
                                  "dagster/parent_run_id": first.run_id})]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=env["tmp"])
     assert out.returncode == 0, out.stderr[-3000:]  # the check failing does not fail the backup
-    [retry] = [r for r in inst.get_run_records(dg.RunsFilter(tags={"dagster/root_run_id": first.run_id}))]
+    [entry] = inst.get_run_records(dg.RunsFilter(tags={"dagster/root_run_id": first.run_id}))
+    assert entry.dagster_run.job_name == "mailbox_backup_job"
+    [retry] = inst.get_run_records(dg.RunsFilter(tags={RETRY_OF_TAG: first.run_id}))
+    assert retry.dagster_run.job_name == "mailbox_backup_job__t1"
     evs = evaluations(run_events(inst, retry.dagster_run.run_id), "snapshot_structure")
     assert set(evs) == set(keys)
     assert not evs[a].passed and evs[a].severity == dg.AssetCheckSeverity.ERROR
@@ -264,17 +268,18 @@ def test_checks_show_per_mailbox_pass_and_fail_with_their_problems(env, monkeypa
 
     # a run that backs a mailbox up with every check of the asset selected (as a UI backfill does): the
     # structure check runs; content_sample's step is skipped (it reads in its own job)
-    from mailpipe.defs.assets import mailbox_backup
-    from mailpipe.defs.checks import content_sample
+    from mailpipe.defs.assets import build_backup_asset
+    from mailpipe.defs.checks import build_content_sample
+    from mailpipe.defs.partitions import Shard
 
     d = keys[3]
-    both = dg.materialize([mailbox_backup, content_sample], partition_key=d, instance=inst,
-                          resources={"mailpipe": MailpipeResource()})
+    both = dg.materialize([build_backup_asset(Shard("t1")), build_content_sample(Shard("t1"))], partition_key=d,
+                          instance=inst, resources={"mailpipe": MailpipeResource()})
     assert both.success and set(evaluations(both.all_events, "snapshot_structure")) == {d}
     assert evaluations(both.all_events, "content_sample") == {}
     steps = {e.step_key: e.event_type_value for e in both.all_events if e.step_key and e.is_step_event
              and e.event_type_value in ("STEP_SUCCESS", "STEP_SKIPPED", "STEP_FAILURE")}
-    assert steps == {"mailbox_backup": "STEP_SUCCESS", "mailbox_backup_content_sample": "STEP_SKIPPED"}
+    assert steps == {"mailbox_backup__t1": "STEP_SUCCESS", "mailbox_backup__t1_content_sample": "STEP_SKIPPED"}
 
     # (3) content_sample: a damaged chunk of c; a slice without it passes, the slice with it fails
     refs = referenced_chunks(repo)
@@ -283,7 +288,7 @@ def test_checks_show_per_mailbox_pass_and_fail_with_their_problems(env, monkeypa
     users = refs[h]
     corrupt_chunk(repo, h, garbage=True)
     n = 30
-    job = env["defs"].resolve_job_def("content_sample_job")
+    job = env["defs"].resolve_job_def("content_sample_job__t1")  # the shard's own (the schedule's runs start it)
     other = job.execute_in_process(instance=inst, raise_on_error=False, tags={
         **KeyRange("t1", tuple(keys)).tags(), SAMPLE_TAG: f"{(chunk_slice(h, n) + 1) % n}/{n}"})
     assert other.success
@@ -305,7 +310,7 @@ def test_checks_show_per_mailbox_pass_and_fail_with_their_problems(env, monkeypa
 
     # what the UI shows: each check's status per mailbox, and a mailbox's latest result with its problems
     with dagster_webserver({}) as url:
-        data = graphql(url, CHECKS_QUERY, {"k": {"path": ["mailbox_backup"]}})
+        data = graphql(url, CHECKS_QUERY, {"k": {"path": ["mailbox_backup", "t1"]}})
         checks = {ch["name"]: ch["partitionStatuses"] for ch in data["assetNodes"][0]["assetChecksOrError"]["checks"]}
         assert set(checks) == {"snapshot_structure", "content_sample"}
         st = checks["snapshot_structure"]
@@ -313,12 +318,12 @@ def test_checks_show_per_mailbox_pass_and_fail_with_their_problems(env, monkeypa
         sample = checks["content_sample"]
         assert set(sample["failedPartitions"]) == failed
         assert set(sample["succeededPartitions"]) == set(keys) - failed
-        [ex] = graphql(url, EXECUTIONS_QUERY, {"k": {"path": ["mailbox_backup"]}, "c": "snapshot_structure",
+        [ex] = graphql(url, EXECUTIONS_QUERY, {"k": {"path": ["mailbox_backup", "t1"]}, "c": "snapshot_structure",
                                                "p": a})["assetCheckExecutions"]
         assert ex["status"] == "FAILED" and ex["partition"] == a and ex["evaluation"]["severity"] == "ERROR"
         entries = {m["label"]: m for m in ex["evaluation"]["metadataEntries"]}
         assert any("manifest" in p for p in json.loads(entries["problems"]["jsonString"]))
-        [ex] = graphql(url, EXECUTIONS_QUERY, {"k": {"path": ["mailbox_backup"]}, "c": "content_sample",
+        [ex] = graphql(url, EXECUTIONS_QUERY, {"k": {"path": ["mailbox_backup", "t1"]}, "c": "content_sample",
                                                "p": c})["assetCheckExecutions"]
         assert ex["status"] == "FAILED" and ex["evaluation"]["severity"] == "ERROR"
         entries = {m["label"]: m for m in ex["evaluation"]["metadataEntries"]}
@@ -326,27 +331,48 @@ def test_checks_show_per_mailbox_pass_and_fail_with_their_problems(env, monkeypa
         assert entries["sample"]["text"] == f"{chunk_slice(h, n)}/{n}"
 
 
-def test_sample_schedule_reads_todays_slice_one_run_per_tenant_block():
+def test_sample_schedule_reads_todays_slice_one_run_per_tenant(env):
+    """verify_content_sample: one content_sample_job run per tenant over all its mailboxes (its shards' sets),
+    today's slice; the entry job runs each shard's check job for them, results on the shard's asset."""
     from mailpipe.defs import settings
-    from mailpipe.defs.checks import SAMPLE_LIMIT_TAG, SAMPLE_TAG, verify_content_sample
+    from mailpipe.defs.checks import SAMPLE_LIMIT_TAG, SAMPLE_TAG, sample_run_requests
+    from mailpipe.defs.partitions import ROUTED_BY_TAG, Layout
 
     with dg.instance_for_test() as inst:
+        lay = Layout({"alpha": 3, "beta": 1, "gamma": 1})
         alpha = sorted(f"alpha:user{i:03d}@alpha.example" for i in range(60))
-        inst.add_dynamic_partitions("mailboxes", alpha)
-        inst.add_dynamic_partitions("mailboxes", ["beta:a@beta.example", "beta:b@beta.example"])
-        inst.add_dynamic_partitions("mailboxes", ["alpha:late@alpha.example"])  # its own block
+        for k in alpha + ["alpha:late@alpha.example"]:
+            inst.add_dynamic_partitions(lay.shard_of(k).partitions_name, [k])
+        inst.add_dynamic_partitions("mailboxes__beta", ["beta:b@beta.example", "beta:a@beta.example"])
         when = datetime(2026, 11, 25, 8, tzinfo=timezone.utc)
-        reqs = list(verify_content_sample(dg.build_schedule_context(instance=inst, scheduled_execution_time=when)))
+        reqs = sample_run_requests(inst, lay, when, settings.SAMPLE_CHECK_DAYS)
     n = settings.SAMPLE_CHECK_DAYS
     k = (when.date() - date(1970, 1, 1)).days % n
-    assert [(r.tags.get("dagster/asset_partition_range_start") or r.tags["dagster/partition"]) for r in reqs] == [
-        alpha[0], "beta:a@beta.example", "alpha:late@alpha.example"]
-    assert reqs[0].tags["dagster/asset_partition_range_end"] == alpha[-1]  # a tenant's block in one run
-    assert [r.tags[SAMPLE_LIMIT_TAG] for r in reqs] == ["alpha", "beta", "alpha"]
-    assert all(r.tags[SAMPLE_TAG] == f"{k}/{n}" and "tenant" not in r.tags for r in reqs)
-    assert len({r.run_key for r in reqs}) == 3
+    assert [r.tags["dagster/asset_partition_range_start"] for r in reqs] == ["alpha:late@alpha.example",
+                                                                          "beta:a@beta.example"]
+    assert [r.tags["dagster/asset_partition_range_end"] for r in reqs] == [alpha[-1], "beta:b@beta.example"]
+    assert [r.tags["mailpipe/mailboxes"] for r in reqs] == ["61", "2"]  # gamma has none yet: no run
+    assert [r.tags[SAMPLE_LIMIT_TAG] for r in reqs] == ["alpha", "beta"]
+    assert all(r.tags[SAMPLE_TAG] == f"{k}/{n}" and "tenant" not in r.tags and r.job_name == "content_sample_job"
+               for r in reqs)
+    assert len({r.run_key for r in reqs}) == 2
     limits = yaml.safe_load((ROOT / "dagster.yaml").read_text())["concurrency"]["runs"]["tag_concurrency_limits"]
     assert {"key": SAMPLE_LIMIT_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1} in limits
+
+    # the schedule's run, end to end on t1: the entry job routes to t1's check job
+    inst = env["instance"]
+    keys = register_all(env)
+    assert run_job(env, {"dagster/asset_partition_range_start": keys[0],
+                         "dagster/asset_partition_range_end": keys[-1]}).success
+    sched = env["defs"].get_schedule_def("verify_content_sample")
+    [req] = sched.evaluate_tick(dg.build_schedule_context(instance=inst, scheduled_execution_time=when)).run_requests
+    entry = env["defs"].resolve_job_def("content_sample_job").execute_in_process(instance=inst, tags=req.tags,
+                                                                                 raise_on_error=False)
+    assert entry.success
+    [child] = inst.get_run_records(dg.RunsFilter(tags={ROUTED_BY_TAG: entry.run_id}))
+    assert child.dagster_run.job_name == "content_sample_job__t1" and child.dagster_run.tags[SAMPLE_TAG] == f"{k}/{n}"
+    evs = evaluations(run_events(inst, child.dagster_run.run_id), "content_sample")
+    assert set(evs) == set(keys) and all(ev.passed and ev.asset_key == KEY for ev in evs.values())
 
 
 # -- repository_maintenance -----------------------------------------------------------------------------

@@ -56,6 +56,9 @@ def test_demo_tenant_without_file(monkeypatch, tmp_path):
         ({"limits": {"concurrent_requests_per_mailbox": 0}}, "limits.concurrent_requests_per_mailbox"),
         ({"mailboxes": {"include": "x", "bogus": 1}}, "'mailboxes'"),
         ({"ca_bundle": "/nonexistent/ca.pem"}, "'ca_bundle'"),
+        ({"shards": 0}, "'shards'"),
+        ({"shards": 100}, "'shards'"),
+        ({"shards": "4"}, "'shards'"),
     ],
 )
 def test_bad_fields_name_tenant_and_field(over, field):
@@ -65,6 +68,10 @@ def test_bad_fields_name_tenant_and_field(over, field):
     assert field in msg
     if "name" not in over:
         assert "'contoso'" in msg
+
+
+def test_shards_default_to_one():
+    assert parse_tenants(one())[0].shards == 1 and parse_tenants(one(shards=12))[0].shards == 12
 
 
 def test_secret_pasted_in_place_of_env_name_is_not_echoed():

@@ -22,7 +22,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # on SQLite and on a real PostgreSQL (conftest): the tests whose instance does most (runs, events, partition
 # statuses, the daemon and webserver); the others on SQLite only, to keep the suite's time
 BOTH_BACKENDS = pytest.mark.backends("sqlite", "postgres")
-KEY = dg.AssetKey("mailbox_backup")
+KEY = dg.AssetKey(["mailbox_backup", "t1"])  # tenant t1's asset (one shard)
+
+
+def use_storage(home: Path, storage: dict | None) -> None:
+    """The home's dagster.yaml with ``storage`` (the conftest's Postgres database) in place of SQLite."""
+    if storage:
+        import yaml
+
+        (home / "dagster.yaml").write_text(yaml.safe_dump(
+            {**yaml.safe_load((ROOT / "dagster.yaml").read_text()), "storage": storage}))
 
 
 @pytest.fixture
@@ -34,11 +43,7 @@ def env(tmp_path, monkeypatch, sim_factory, dagster_storage):
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
-    if dagster_storage:
-        import yaml
-
-        (home / "dagster.yaml").write_text(yaml.safe_dump(
-            {**yaml.safe_load((ROOT / "dagster.yaml").read_text()), "storage": dagster_storage}))
+    use_storage(home, dagster_storage)
     vars_ = {"MAILPIPE_TENANTS": str(tfile), "DAGSTER_HOME": str(home), "MAILPIPE_GRAPH_RETRY_ATTEMPTS": "3",
              "MAILPIPE_GRAPH_RETRY_BASE_DELAY": "0.01", "MAILPIPE_HOME": str(tmp_path / "mp")}
     for k, v in vars_.items():
@@ -52,24 +57,38 @@ def env(tmp_path, monkeypatch, sim_factory, dagster_storage):
     instance.dispose()
 
 
+def layout():
+    from mailpipe.defs import current_layout
+
+    return current_layout()
+
+
 def register_all(e) -> list[str]:
-    from mailpipe.defs.discovery import discover_all
+    """Discover the tenant's mailboxes and register them (shard sets and routing index), as the sensor does."""
+    from mailpipe.defs.discovery import discover_all, register
     from mailpipe.defs.resources import MailpipeResource
 
-    [rep] = discover_all(MailpipeResource(), e["instance"])
-    e["instance"].add_dynamic_partitions("mailboxes", rep.new_keys)
-    return rep.new_keys
+    reps = discover_all(MailpipeResource(), e["instance"])
+    register(e["instance"], reps)
+    return [k for r in reps for k in r.new_keys]
 
 
 def statuses(e, keys):
-    from mailpipe.defs.partitions import mailboxes_partitions
-
-    st = e["instance"].get_status_by_partition(KEY, keys, mailboxes_partitions) or {}  # None before any run
-    return {k: (st[k].value if st.get(k) else None) for k in keys}
+    """{key: status value or None}, each read on its shard's asset."""
+    by_shard: dict = {}
+    for k in keys:
+        by_shard.setdefault(layout().shard_of(k), []).append(k)
+    out = {}
+    for shard, ks in by_shard.items():
+        st = e["instance"].get_status_by_partition(shard.asset_key, ks, shard.partitions_def) or {}  # None: no run
+        out.update({k: (st[k].value if st.get(k) else None) for k in ks})
+    return {k: out[k] for k in keys}
 
 
 def run_job(e, tags):
-    job = e["defs"].resolve_job_def("mailbox_backup_job")
+    """Run the backup job of the shard of the tags' key(s) in process (as the schedule and sensors launch it)."""
+    key = tags.get("dagster/partition") or tags["dagster/asset_partition_range_start"]
+    job = e["defs"].resolve_job_def(layout().shard_of(key).backup_job_name)
     return job.execute_in_process(instance=e["instance"], tags=tags, raise_on_error=False)
 
 
@@ -138,39 +157,42 @@ def test_discovery_sensor_adds_sorted_keys_and_reports_vanished(env):
     inst = env["instance"]
     ctx = dg.build_sensor_context(instance=inst, resources={"mailpipe": MailpipeResource()})
     res = discover_mailboxes(ctx)
-    [req] = res.dynamic_partitions_requests
+    [req, routing] = res.dynamic_partitions_requests  # the tenant's set, then the routing index
+    assert req.partitions_def_name == "mailboxes__t1" and routing.partitions_def_name == "mailboxes"
     keys = list(req.partition_keys)
     assert keys == sorted(keys) and len(keys) == 4 and all(k.startswith("t1:") for k in keys)
-    assert not any("nomailbox" in k for k in keys)
-    inst.add_dynamic_partitions("mailboxes", keys + ["t1:left@company.example"])
+    assert not any("nomailbox" in k for k in keys) and list(routing.partition_keys) == keys
+    inst.add_dynamic_partitions("mailboxes__t1", keys + ["t1:left@company.example"])
     again = discover_mailboxes(dg.build_sensor_context(instance=inst, resources={"mailpipe": MailpipeResource()}))
     assert not again.dynamic_partitions_requests
     [rep] = discover_all(MailpipeResource(), inst)
     assert rep.vanished == ["t1:left@company.example"] and rep.known == 4
-    assert "t1:left@company.example" in inst.get_dynamic_partitions("mailboxes")  # never deleted
+    assert "t1:left@company.example" in inst.get_dynamic_partitions("mailboxes__t1")  # never deleted
     out = subprocess.run([sys.executable, "-m", "mailpipe", "discover", "t1"], capture_output=True, text=True,
                          timeout=120, env={**os.environ})
     assert out.returncode == 0 and "0 new, 4 known, 1 vanished" in out.stdout
 
 
-def run_as_if_launched(inst, status: dg.DagsterRunStatus, tags: dict[str, str]) -> dg.DagsterRun:
-    """A mailbox_backup_job run in ``status``, with the code-location origin a run launched through the
+def run_as_if_launched(inst, status: dg.DagsterRunStatus, tags: dict[str, str],
+                       job_name: str = "mailbox_backup_job__t1") -> dg.DagsterRun:
+    """A run of t1's backup job in ``status``, with the code-location origin a run launched through the
     daemon has (queued runs need one). No public API makes such a run outside a workspace: this uses
     Dagster's test helper and origin classes; the daemon tests below use real ones."""
     from dagster._core.remote_origin import RegisteredCodeLocationOrigin, RemoteJobOrigin, RemoteRepositoryOrigin
     from dagster._core.test_utils import create_run_for_test
 
     origin = RemoteJobOrigin(RemoteRepositoryOrigin(RegisteredCodeLocationOrigin("mailpipe"), "__repository__"),
-                             "mailbox_backup_job")
-    return create_run_for_test(inst, job_name="mailbox_backup_job", status=status, tags=tags,
+                             job_name)
+    return create_run_for_test(inst, job_name=job_name, status=status, tags=tags,
                                remote_job_origin=origin)
 
 
 @BOTH_BACKENDS
 def test_batched_run_fails_one_mailbox_and_retry_sensor_recovers_it_reusing_stored_work(env):
     from mailpipe.defs.partitions import KeyRange
-    from mailpipe.defs.sensors import plan_retries, retry_failed_mailboxes
+    from mailpipe.defs.sensors import plan_retries
 
+    retry_failed_mailboxes = env["defs"].get_sensor_def("retry_failed_mailboxes")
     sim, inst = env["sim"], env["instance"]
     keys = register_all(env)
     victim = keys[1]
@@ -217,6 +239,7 @@ def test_batched_run_fails_one_mailbox_and_retry_sensor_recovers_it_reusing_stor
     assert max(both.values()) == 1, "an item stored by the failed attempt was downloaded again"
     # next tick: recovered, the cursor forgets it
     tick2 = retry_failed_mailboxes(dg.build_sensor_context(instance=inst, cursor=json.dumps(cur)))
+    assert reqs[0].job_name == "mailbox_backup_job__t1"
     assert json.loads(tick2.cursor) == {}
 
 
@@ -283,52 +306,317 @@ def test_retried_run_skips_mailboxes_committed_by_the_first_attempt(env):
     assert sum(st["requests"].get(k.split(":", 1)[1], {}).get("delta", 0) for k in keys if k != victim) == 0
 
 
+@pytest.fixture
+def fleet(tmp_path, monkeypatch, sim_factory, dagster_storage):
+    """Two tenants on one simulator: 'small' (one asset) and 'big-one' (shards: 3, three assets), a tenants
+    file naming both, and a Dagster home with the project's dagster.yaml; every mailbox registered."""
+    import yaml
+
+    sim = sim_factory(users=6, messages_per_mailbox=4, seed=5)
+    tenants = []
+    for name, extra in (("small", {}), ("big-one", {"shards": 3})):
+        f = write_tenants_file(tmp_path / f"{name}.yaml", name, sim.graph_url, tmp_path / f"repo-{name}", **extra)
+        tenants += yaml.safe_load(open(f))["tenants"]
+    tfile = tmp_path / "tenants.yaml"
+    tfile.write_text(yaml.safe_dump({"tenants": tenants}))
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
+    use_storage(home, dagster_storage)
+    for k, v in {"MAILPIPE_TENANTS": str(tfile), "DAGSTER_HOME": str(home), "MAILPIPE_HOME": str(tmp_path / "mp"),
+                 "MAILPIPE_GRAPH_RETRY_ATTEMPTS": "3", "MAILPIPE_GRAPH_RETRY_BASE_DELAY": "0.01"}.items():
+        monkeypatch.setenv(k, v)
+    instance = dg.DagsterInstance.from_config(str(home))
+    from mailpipe.defs import build_definitions
+
+    e = {"sim": sim, "home": home, "instance": instance, "defs": build_definitions(), "tmp": tmp_path}
+    e["keys"] = register_all(e)
+    yield e
+    instance.dispose()
+
+
+def statuses_by_asset(e) -> dict[str, dict[str, str]]:
+    """{asset path: {key: status}} of every asset of the layout, for every registered key of every set."""
+    out = {}
+    for shard in layout().shards:
+        keys = e["instance"].get_dynamic_partitions(shard.partitions_name)
+        st = e["instance"].get_status_by_partition(shard.asset_key, keys, shard.partitions_def) or {}
+        out[shard.asset_key.to_user_string()] = {k: (st[k].value if st.get(k) else None) for k in keys}
+    return out
+
+
+def cli(e, *args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(Path(sys.executable).parent / args[0]), *args[1:]], capture_output=True, text=True,
+                          timeout=300, env={**os.environ}, cwd=cwd or e["tmp"])
+
+
 @BOTH_BACKENDS
-def test_dagster_job_execute_and_dg_launch_from_the_command_line(env):
-    keys = register_all(env)
-    cmd = [str(Path(sys.executable).parent / "dagster"), "job", "execute", "-m", "mailpipe.definitions", "-j",
-           "mailbox_backup_job", "--tags", json.dumps({"dagster/partition": keys[0]})]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=env["tmp"])
-    assert out.returncode == 0, out.stderr[-2000:]
-    dg_bin = Path(sys.executable).parent / "dg"
-    if dg_bin.exists():
-        out = subprocess.run([str(dg_bin), "launch", "--job", "mailbox_backup_job", "--partition", keys[1]],
-                             capture_output=True, text=True, timeout=300, env={**os.environ}, cwd=ROOT)
-        assert out.returncode == 0, out.stderr[-2000:]
-    inst = dg.DagsterInstance.from_config(str(env["home"]))
-    from mailpipe.defs.partitions import mailboxes_partitions
+def test_launch_contracts_route_to_the_mailboxs_own_asset(fleet):
+    """The three ways users launch a backup by key keep working for every tenant, sharded or not: the
+    mailbox's status lands on the asset of its shard, and only there; the runs say what they cover."""
+    from mailpipe.defs.partitions import MAILBOXES_TAG, RANGE_TAG, ROUTED_BY_TAG, shard_index
 
-    st = inst.get_status_by_partition(KEY, keys[:2], mailboxes_partitions)
-    assert all(v == dg.AssetPartitionStatus.MATERIALIZED for v in st.values())
+    e, inst = fleet, fleet["instance"]
+    big = sorted(k for k in e["keys"] if k.startswith("big-one:"))
+    small = sorted(k for k in e["keys"] if k.startswith("small:"))
+    assert len(big) >= 6 and small
+    # every set holds its shard's keys, sorted (so a block of them is one range run)
+    sets = {s.partitions_name: inst.get_dynamic_partitions(s.partitions_name) for s in layout().shards}
+    assert set(sets) == {"mailboxes__small", "mailboxes__big-one__s00of03", "mailboxes__big-one__s01of03",
+                         "mailboxes__big-one__s02of03"}
+    for name, keys in sets.items():
+        assert keys == sorted(keys) and all(layout().shard_of(k).partitions_name == name for k in keys)
+    assert {shard_index(k.split(":", 1)[1], 3) for k in big} == {0, 1, 2}  # the test spans every shard
+    assert sorted(inst.get_dynamic_partitions("mailboxes")) == sorted(e["keys"])  # the routing index
+
+    # 1. dagster job execute, one key of the sharded tenant
+    one = big[2]
+    out = cli(e, "dagster", "job", "execute", "-m", "mailpipe.definitions", "-j", "mailbox_backup_job",
+              "--tags", json.dumps({"dagster/partition": one}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    st = statuses_by_asset(e)
+    home = layout().shard_of(one).asset_key.to_user_string()
+    assert st[home][one] == "MATERIALIZED"
+    assert [(a, k) for a, ks in st.items() for k, v in ks.items() if v] == [(home, one)]
+
+    # 2. the range tags: every key of the tenant from start to end (sorted), over all three shards
+    out = cli(e, "dagster", "job", "execute", "-m", "mailpipe.definitions", "-j", "mailbox_backup_job", "--tags",
+              json.dumps({"dagster/asset_partition_range_start": big[0], "dagster/asset_partition_range_end": big[-2]}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    st = statuses_by_asset(e)
+    done = {k for ks in st.values() for k, v in ks.items() if v == "MATERIALIZED"}
+    assert done == set(big[:-1])
+    entry = [r for r in inst.get_run_records(dg.RunsFilter(job_name="mailbox_backup_job"))
+             if "dagster/asset_partition_range_start" in r.dagster_run.tags]
+    [entry] = entry
+    assert entry.dagster_run.tags[MAILBOXES_TAG] == str(len(big) - 1)
+    assert entry.dagster_run.tags[RANGE_TAG] == f"{big[0]} … {big[-2]}"
+    shard_runs = inst.get_run_records(dg.RunsFilter(tags={ROUTED_BY_TAG: entry.dagster_run.run_id}))
+    assert sorted(r.dagster_run.job_name for r in shard_runs) == [
+        f"mailbox_backup_job__big_one__s{i:02d}of03" for i in range(3)]
+    assert sum(int(r.dagster_run.tags[MAILBOXES_TAG]) for r in shard_runs) == len(big) - 1
+    assert all(r.dagster_run.status == dg.DagsterRunStatus.SUCCESS and r.dagster_run.tags["tenant"] == "big-one"
+               for r in shard_runs)
+
+    # 3. dg launch --partition, for the other tenant
+    out = cli(e, "dg", "launch", "--job", "mailbox_backup_job", "--partition", small[0], cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert statuses_by_asset(e)["mailbox_backup/small"][small[0]] == "MATERIALIZED"
+    # ... which checks the key first: an unknown one starts no run
+    n = len(inst.get_run_records())
+    out = cli(e, "dg", "launch", "--job", "mailbox_backup_job", "--partition", "small:nobody@x.example", cwd=ROOT)
+    assert out.returncode != 0 and "small:nobody@x.example" in out.stderr + out.stdout
+    assert len(inst.get_run_records()) == n
 
 
-@BOTH_BACKENDS
-def test_schedule_produces_batched_runs_per_tenant(env):
-    from mailpipe.defs import settings
-    from mailpipe.defs.schedules import backup_all_mailboxes
+def test_shards_are_stable_and_sets_stay_under_the_limit():
+    """A mailbox's shard is a pure function of its UPN and the tenant's shard count (the same on every
+    machine, whatever the order of discovery); at 1M mailboxes in 12 shards every set stays under 100k."""
+    from mailpipe.defs.partitions import MAX_KEYS_PER_SET, Layout, Shard, shard_index
+
+    # fixed values: changing the hash would move every mailbox of a sharded tenant to another asset
+    assert [shard_index(u, 16) for u in ("adele.vance@contoso.com", "ADELE.VANCE@contoso.com", "b@c", "x" * 60)] \
+        == [shard_index("adele.vance@contoso.com", 16)] * 2 + [shard_index("b@c", 16), shard_index("x" * 60, 16)]
+    assert (shard_index("adele.vance@contoso.com", 16), shard_index("b@c", 16), shard_index("b@c", 3)) == (9, 1, 0)
+    assert shard_index("anything", 1) == 0
+    lay = Layout({"contoso": 12, "fab-rikam": 1})
+    assert lay.shard_of("contoso:adele.vance@contoso.com") == Shard("contoso", shard_index("adele.vance@contoso.com", 12), 12)
+    assert lay.shard_of("nope:x@y") is None
+    assert lay.shard_of("fab-rikam:x@y").asset_key == dg.AssetKey(["mailbox_backup", "fab-rikam"])
+    assert Shard("fab-rikam", 3, 12).backup_job_name == "mailbox_backup_job__fab_rikam__s03of12"
+    counts: Counter = Counter()
+    for i in range(1_000_000):
+        counts[shard_index(f"user{i:07d}@contoso.com", 12)] += 1
+    assert len(counts) == 12 and max(counts.values()) < MAX_KEYS_PER_SET, counts
+    assert max(counts.values()) - min(counts.values()) < 2_000  # an even spread
+
+
+def test_discovery_refuses_to_overfill_a_set(fleet, monkeypatch):
+    """A set that would pass the limit gets nothing, and the report says to give the tenant more shards."""
+    from mailpipe.defs import discovery
+    from mailpipe.defs.discovery import discover_all
+    from mailpipe.defs.resources import MailpipeResource
+
+    inst = fleet["instance"]
+    small = inst.get_dynamic_partitions("mailboxes__small")
+    for k in small:  # as if never registered
+        inst.delete_dynamic_partition("mailboxes__small", k)
+    monkeypatch.setattr(discovery, "MAX_KEYS_PER_SET", len(small) - 1)
+    reps = {r.tenant: r for r in discover_all(MailpipeResource(), inst)}
+    assert reps["small"].error and f"more than {len(small) - 1}" in reps["small"].error
+    assert "shards" in reps["small"].error and not reps["small"].new_keys and not reps["small"].new_by_set
+    assert reps["big-one"].error is None  # the other tenant is not held up
+    monkeypatch.setattr(discovery, "MAX_KEYS_PER_SET", len(small))
+    [rep] = discover_all(MailpipeResource(), inst, "small")
+    assert rep.error is None and rep.new_keys == sorted(small)
+
+
+def test_retry_sensor_orders_failed_keys_by_position_and_batches_contiguous_blocks():
+    """Failed keys are taken in registration order (a key→position map, not sorted text, not list.index),
+    cut into range runs over contiguous blocks of the shard's set, at most per_tick mailboxes a tick."""
+    from mailpipe.defs.partitions import KeyCache, KeyIndex, Layout, Shard
+    from mailpipe.defs.sensors import plan_retries
+
+    shard = Shard("t1")
+    # registered in two discovery batches: the second sorts before the first
+    first = [f"t1:m{i:04d}@x" for i in range(300)]
+    second = [f"t1:a{i:04d}@x" for i in range(100)]
+    keys = first + second
+    failing = set(keys[10:20] + keys[50:51] + keys[295:310])  # one block spans the two batches
+
+    @dg.asset(key=shard.asset_key, partitions_def=shard.partitions_def,
+              backfill_policy=dg.BackfillPolicy.multi_run(1000), output_required=False)
+    def fake(context):
+        for k in context.partition_keys:
+            if k not in failing:
+                yield dg.AssetMaterialization(asset_key=context.asset_key, partition=k)
+        if failing & set(context.partition_keys):
+            raise dg.Failure("some failed")
+
+    with dg.instance_for_test() as inst:
+        inst.add_dynamic_partitions(shard.partitions_name, first)
+        inst.add_dynamic_partitions(shard.partitions_name, second)
+        job = dg.Definitions(assets=[fake], jobs=[dg.define_asset_job("j", [fake], partitions_def=shard.partitions_def)]
+                             ).resolve_job_def("j")
+        job.execute_in_process(instance=inst, raise_on_error=False, tags={
+            "dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]})
+        lay = Layout({"t1": 1})
+        reqs, cur, _ = plan_retries(inst, {}, 1000.0, max_attempts=3, backoff_s=0, per_tick=20, batch_size=8,
+                                    layout=lay)
+        cache = KeyCache(inst, lay)
+        got = [cache.keys_of_run(r.job_name, r.tags) for r in reqs]
+        order = KeyIndex(keys)
+        want = order.sort(failing)[:20]  # registration order: m0010.., m0050, m0295..m0299, a0000..
+        assert [k for g in got for k in g] == want
+        assert [len(g) for g in got] == [8, 2, 1, 8, 1]  # blocks of contiguous positions, at most 8
+        assert got[3] == keys[295:303]  # across the two batches: contiguous in the set, not in sorted text
+        assert all(r.job_name == "mailbox_backup_job__t1" and r.tags["tenant"] == "t1" for r in reqs)
+        assert set(cur) == failing and all(cur[k]["attempts"] == 1 for k in want)
+        assert all(cur[k]["attempts"] == 0 for k in failing - set(want))  # the next ticks' share
+
+
+def test_migrating_an_instance_from_the_single_set_layout(env):
+    """An instance of the pre-fleet layout (every key in `mailboxes`, the asset `mailbox_backup` on it, with
+    its history): `mailpipe migrate-partitions` registers every key in its shard's set (sorted; vanished
+    mailboxes too; unknown tenants left alone), the old history stays readable, and the new layout runs."""
+    from mailpipe.defs.partitions import LEGACY_ASSET_KEY, routing_partitions
+    from mailpipe.defs.sensors import plan_retries
 
     inst = env["instance"]
-    a = sorted(f"alpha:user{i:03d}@alpha.example" for i in range(60))
-    b = sorted(f"beta:user{i:03d}@beta.example" for i in range(7))
-    inst.add_dynamic_partitions("mailboxes", a)
-    inst.add_dynamic_partitions("mailboxes", b)
-    inst.add_dynamic_partitions("mailboxes", ["alpha:late@alpha.example"])  # discovered later: its own range
-    ctx = dg.build_schedule_context(instance=inst, scheduled_execution_time=datetime(2026, 11, 25, 2, tzinfo=timezone.utc))
-    reqs = list(backup_all_mailboxes(ctx))
-    covered = []
-    for r in reqs:
-        t = r.tags
-        if "dagster/partition" in t:
-            covered.append(t["dagster/partition"])
-        else:
-            all_keys = inst.get_dynamic_partitions("mailboxes")
-            i, j = all_keys.index(t["dagster/asset_partition_range_start"]), all_keys.index(t["dagster/asset_partition_range_end"])
-            covered += all_keys[i:j + 1]
-            assert j - i + 1 <= settings.BATCH_SIZE
-        assert {k.split(":")[0] for k in covered[-1:]} == {t["tenant"]}
-    assert sorted(covered) == sorted(a + b + ["alpha:late@alpha.example"])
-    assert len(reqs) == 3 + 1 + 1  # 60 = 25+25+10, beta 7, the late one
-    assert len({r.run_key for r in reqs}) == len(reqs)
+    from mailpipe.defs.discovery import discover_all
+    from mailpipe.defs.resources import MailpipeResource
+
+    [rep] = discover_all(MailpipeResource(), inst)
+    keys = rep.new_keys
+    old = keys[2:] + keys[:2] + ["t1:left@company.example", "gone:x@gone.example"]  # two discovery batches
+    inst.add_dynamic_partitions("mailboxes", old)
+
+    @dg.asset(name="mailbox_backup", partitions_def=routing_partitions)  # what the old release defined
+    def legacy(context):
+        if context.partition_key == keys[1]:
+            raise dg.Failure("failed then")
+        return dg.MaterializeResult(metadata={"snapshot_id": "20261101T020000Z-abcd"})
+
+    assert dg.materialize([legacy], partition_key=keys[0], instance=inst).success
+    assert not dg.materialize([legacy], partition_key=keys[1], instance=inst, raise_on_error=False).success
+
+    out = cli(env, "mailpipe", "migrate-partitions", "--dry-run")
+    assert out.returncode == 0 and "mailboxes__t1: 5 to register, 0 already there" in out.stdout, out.stderr
+    assert inst.get_dynamic_partitions("mailboxes__t1") == []
+    out = cli(env, "mailpipe", "migrate-partitions")
+    assert out.returncode == 0, out.stderr
+    assert "mailboxes__t1: 5 registered" in out.stdout and "tenant gone: 1 key(s)" in out.stdout
+    assert "mailbox_backup keeps its history" in out.stdout
+    assert inst.get_dynamic_partitions("mailboxes__t1") == sorted(keys + ["t1:left@company.example"])
+    assert "0 registered, 5 already there" in cli(env, "mailpipe", "migrate-partitions").stdout  # idempotent
+
+    # the old history, as before: statuses and materializations of mailbox_backup on `mailboxes`
+    st = inst.get_status_by_partition(LEGACY_ASSET_KEY, keys[:2], routing_partitions)
+    assert st == {keys[0]: dg.AssetPartitionStatus.MATERIALIZED, keys[1]: dg.AssetPartitionStatus.FAILED}
+    [rec] = inst.fetch_materializations(dg.AssetRecordsFilter(asset_key=LEGACY_ASSET_KEY,
+                                                              asset_partitions=[keys[0]]), limit=1).records
+    assert rec.asset_materialization.metadata["snapshot_id"].value == "20261101T020000Z-abcd"
+    assert inst.get_dynamic_partitions("mailboxes") == old  # the routing index is the old set, untouched
+
+    # the new layout: nothing new to discover, the old failure is not retried (the new asset's own statuses
+    # count; the next scheduled backup covers every mailbox), a backup lands on the new asset
+    [rep] = discover_all(MailpipeResource(), inst)
+    assert rep.new_keys == [] and rep.known == len(keys) and rep.vanished == ["t1:left@company.example"]
+    assert plan_retries(inst, {}, time.time(), max_attempts=3, backoff_s=0, per_tick=10, batch_size=25)[0] == []
+    res = run_job(env, {"dagster/partition": keys[1]})  # launched without the readable tags, as by hand
+    assert res.success and statuses(env, keys[:2]) == {keys[0]: None, keys[1]: "MATERIALIZED"}
+    tags = inst.get_run_by_id(res.run_id).tags  # the asset added them when the run started
+    assert tags["mailpipe/mailboxes"] == "1" and tags["mailpipe/range"] == keys[1]
+
+
+def test_registration_is_split_into_requests_sqlite_accepts():
+    """One add of 300,000 keys fails on SQLite (too many SQL variables): discovery's requests carry at most
+    ADD_CHUNK keys each, in order, for the shard sets and the routing index."""
+    from mailpipe.defs.discovery import ADD_CHUNK, TenantDiscovery, registration_requests
+
+    keys = [f"big:u{i:06d}@x" for i in range(2 * ADD_CHUNK + 1)]
+    rep = TenantDiscovery("big", new_keys=keys, new_by_set={"mailboxes__big": keys})
+    reqs = registration_requests([rep])
+    assert [(r.partitions_def_name, len(r.partition_keys)) for r in reqs] == [
+        ("mailboxes__big", ADD_CHUNK), ("mailboxes__big", ADD_CHUNK), ("mailboxes__big", 1),
+        ("mailboxes", ADD_CHUNK), ("mailboxes", ADD_CHUNK), ("mailboxes", 1)]
+    assert [k for r in reqs[:3] for k in r.partition_keys] == keys and ADD_CHUNK <= 100_000
+
+
+@BOTH_BACKENDS
+def test_schedule_sweeps_every_mailbox_in_runs_over_several_ticks_with_a_cursor(fleet):
+    """backup_all_mailboxes: at the cron time a sweep begins; each tick launches at most N runs (none while N
+    of the sweep's are still queued), each over a contiguous block of one shard; the cursor carries the
+    position from tick to tick; every registered mailbox is covered once; the next cron time starts over."""
+    from mailpipe.defs.partitions import KeyCache
+    from mailpipe.defs.schedules import SWEEP_TAG, plan_sweep
+
+    inst = fleet["instance"]
+    extra = sorted(f"small:user{i:03d}@small.example" for i in range(45))
+    inst.add_dynamic_partitions("mailboxes__small", extra)
+    everything = {k for s in layout().shards for k in inst.get_dynamic_partitions(s.partitions_name)}
+    t0 = datetime(2026, 11, 25, 2, 0, 30, tzinfo=timezone.utc).timestamp()
+    # a new sensor starts nothing before the next cron time (as a schedule would)
+    none, cursor, notes = plan_sweep(inst, layout(), {}, t0 - 3600, cron="0 2 * * *", batch_size=10, runs_per_tick=2)
+    assert none == [] and "next cron time" in notes[0]
+    assert plan_sweep(inst, layout(), cursor, t0 - 60, cron="0 2 * * *", batch_size=10, runs_per_tick=2)[0] == []
+    covered: list[str] = []
+    ticks = 0
+    cache = KeyCache(inst, layout())
+    while True:
+        reqs, cursor, notes = plan_sweep(inst, layout(), json.loads(json.dumps(cursor)), t0 + ticks * 30,
+                                         cron="0 2 * * *", batch_size=10, runs_per_tick=2)
+        ticks += 1
+        assert len(reqs) <= 2 and cursor["sweep"] == "2026-11-25T02:00:00+00:00"
+        for r in reqs:
+            keys = cache.keys_of_run(r.job_name, r.tags)
+            assert 1 <= len(keys) <= 10 and int(r.tags["mailpipe/mailboxes"]) == len(keys)
+            assert {layout().shard_of(k).backup_job_name for k in keys} == {r.job_name}
+            assert r.tags[SWEEP_TAG] == cursor["sweep"] and r.tags["tenant"] == keys[0].split(":")[0]
+            covered += keys
+        if cursor.get("finished"):
+            break
+        assert reqs and ticks < 100
+    assert sorted(covered) == sorted(everything) and len(covered) == len(everything)  # each once
+    runs = sum(-(-len(inst.get_dynamic_partitions(s.partitions_name)) // 10) for s in layout().shards)
+    assert ticks == -(-runs // 2)  # 2 runs a tick, every tick until the last
+    # finished: nothing more until the next cron time, which starts a new sweep from the start
+    again, cursor2, _ = plan_sweep(inst, layout(), cursor, t0 + 3600, cron="0 2 * * *", batch_size=10,
+                                   runs_per_tick=2)
+    assert again == [] and cursor2["finished"]
+    nxt, cursor3, _ = plan_sweep(inst, layout(), cursor, t0 + 86400, cron="0 2 * * *", batch_size=10,
+                                 runs_per_tick=2)
+    assert len(nxt) == 2 and cursor3["sweep"] == "2026-11-26T02:00:00+00:00" and not cursor3.get("finished")
+    # back-pressure: two runs of the sweep still queued, nothing added
+    for r in nxt:
+        run_as_if_launched(inst, dg.DagsterRunStatus.QUEUED, r.tags, r.job_name)
+    held, cursor4, notes = plan_sweep(inst, layout(), cursor3, t0 + 86400 + 30, cron="0 2 * * *", batch_size=10,
+                                      runs_per_tick=2)
+    assert held == [] and cursor4["pos"] == cursor3["pos"] and "still queued" in notes[-1]
+    # and the sensor itself (the definitions' tick) keeps its cursor
+    sensor = fleet["defs"].get_sensor_def("backup_all_mailboxes")
+    res = sensor(dg.build_sensor_context(instance=inst, cursor=None))
+    assert json.loads(res.cursor)["sweep"] and (res.run_requests or res.skip_reason)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -411,13 +699,15 @@ def wait_until(what: str, pred, timeout: float, e=None, every: float = 0.5):
 
 
 def runs_for(e, key: str) -> list[dg.RunRecord]:
-    """Every run that covered ``key`` (single-key runs by tag; range runs by their range), oldest first:
-    mailbox_backup_job runs and backfill runs (``__ASSET_JOB``) alike."""
-    from mailpipe.defs.partitions import keys_of_run_tags
+    """Every run that backed ``key`` up (single-key runs by tag; range runs by their range), oldest first:
+    the shard job's runs and backfill runs (``__ASSET_JOB``) alike; not the entry-point job's runs, which
+    only start the shard job's."""
+    from mailpipe.defs.partitions import ENTRY_JOBS, KeyCache
 
-    all_keys = e["instance"].get_dynamic_partitions("mailboxes")
+    cache = KeyCache(e["instance"], layout())
     recs = e["instance"].get_run_records()
-    return sorted((r for r in recs if key in keys_of_run_tags(r.dagster_run.tags, all_keys)),
+    return sorted((r for r in recs if r.dagster_run.job_name not in ENTRY_JOBS
+                   and key in cache.keys_of_run(r.dagster_run.job_name, r.dagster_run.tags)),
                   key=lambda r: r.create_timestamp)
 
 
@@ -463,7 +753,7 @@ def test_webserver_and_daemon_run_a_ui_backfill_in_batches_and_dagsters_run_retr
     with dagster_webserver(extra) as url, dagster_daemon(env, extra):
         mutation = """mutation Launch($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
             __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
-        resp = graphql(url, mutation, {"p": {"partitionNames": keys, "assetSelection": [{"path": ["mailbox_backup"]}],
+        resp = graphql(url, mutation, {"p": {"partitionNames": keys, "assetSelection": [{"path": ["mailbox_backup", "t1"]}],
                                              "tags": [{"key": "tenant", "value": "t1"}]}})
         assert resp["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", resp
 
@@ -489,6 +779,12 @@ def test_webserver_and_daemon_run_a_ui_backfill_in_batches_and_dagsters_run_retr
     retry = runs[1]
     assert retry.dagster_run.tags.get("dagster/parent_run_id") == failed.dagster_run.run_id
     assert "dagster/sensor_name" not in retry.dagster_run.tags
+    # the backfill's runs say what they cover (tagged by the asset when they started: a UI backfill's
+    # runs are created by Dagster, without mailpipe's tags)
+    for r in originals:
+        t = inst.get_run_by_id(r.dagster_run.run_id).tags
+        assert t["mailpipe/mailboxes"] == "2" and t["mailpipe/range"] == (
+            f"{t['dagster/asset_partition_range_start']} … {t['dagster/asset_partition_range_end']}")
     assert retry.dagster_run.status == dg.DagsterRunStatus.SUCCESS
     both = Counter(sim.stats()["mime_downloads"][upn])
     assert set(both) == set(sim.model.mailbox(upn).msgs)
@@ -560,7 +856,9 @@ def test_run_monitoring_fails_a_hung_run_and_the_sensor_retries_its_mailbox(env)
     with dagster_daemon(env, {**FAST_SENSOR, **out_of_reach}):
         # through the instance's run queue and launcher, as schedules, sensors and backfills launch runs;
         # no automatic run retry for this one, so the retry sensor is what must take over
-        cmd = [str(BIN / "dagster"), "job", "launch", "-w", str(ROOT / "workspace.yaml"), "-j", "mailbox_backup_job",
+        # (t1's own job: the entry point mailbox_backup_job would run it inside its own run, and run
+        # monitoring stop that outer run; docs/OPERATIONS.md)
+        cmd = [str(BIN / "dagster"), "job", "launch", "-w", str(ROOT / "workspace.yaml"), "-j", "mailbox_backup_job__t1",
                "--tags", json.dumps({"dagster/partition": victim, "tenant": "t1", "dagster/max_retries": "0"})]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ}, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-2000:]

@@ -61,7 +61,7 @@ def test_ui_backfill_runs_on_a_celery_worker_with_postgres_and_redis(env, redis_
     with celery_worker(env, redis_server.url), dagster_webserver(extra) as url, dagster_daemon(env, extra):
         mutation = """mutation Launch($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) {
             __typename ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message } } }"""
-        resp = graphql(url, mutation, {"p": {"partitionNames": keys, "assetSelection": [{"path": ["mailbox_backup"]}],
+        resp = graphql(url, mutation, {"p": {"partitionNames": keys, "assetSelection": [{"path": ["mailbox_backup", "t1"]}],
                                              "tags": [{"key": "tenant", "value": "t1"}]}})
         assert resp["launchPartitionBackfill"]["__typename"] == "LaunchBackfillSuccess", resp
         wait_until("every mailbox MATERIALIZED, its runs ended", lambda: settled(env, keys), 240, env)

@@ -1,4 +1,5 @@
-"""The ``mailbox_backup`` asset: one run backs up its batch of mailboxes concurrently through the engine."""
+"""The ``mailbox_backup/<tenant>[/<shard>]`` assets (one per shard of the layout, :mod:`mailpipe.defs.partitions`):
+one run backs up its batch of mailboxes concurrently through the engine."""
 
 
 import time
@@ -8,7 +9,7 @@ from datetime import datetime, timezone
 import dagster as dg
 
 from mailpipe.defs.checks import snapshot_structure_evaluations, snapshot_structure_spec
-from mailpipe.defs.partitions import group_by_tenant, mailboxes_partitions
+from mailpipe.defs.partitions import MAILBOXES_TAG, RETRY_OF_TAG, Shard, group_by_tenant, range_tags
 from mailpipe.defs.resources import MailpipeResource
 from mailpipe.defs.settings import BATCH_SIZE
 from mailpipe.errors import UserError
@@ -22,7 +23,8 @@ def retry_since(context: dg.AssetExecutionContext) -> datetime | None:
     """For a retried or re-executed run: when the original run started. Mailboxes committed since then
     are not backed up again."""
     tags = context.run.tags
-    root = tags.get("dagster/root_run_id") or tags.get("dagster/parent_run_id")
+    # a run the entry-point job started for a retried run of its own carries that run's root (routing.py)
+    root = tags.get("dagster/root_run_id") or tags.get("dagster/parent_run_id") or tags.get(RETRY_OF_TAG)
     if not root:
         return None
     rec = context.instance.get_run_record_by_id(root)
@@ -46,22 +48,60 @@ def _metadata(r) -> dict[str, dg.MetadataValue]:
     return md
 
 
-@dg.asset(
-    partitions_def=mailboxes_partitions,
-    backfill_policy=dg.BackfillPolicy.multi_run(BATCH_SIZE),
-    output_required=False,
-    group_name="mailpipe",
-    kinds={"python"},
-    check_specs=[snapshot_structure_spec],
-    description="An Exchange Online mailbox, backed up into its tenant's repository: each materialization "
-    "is a committed point-in-time snapshot (incremental fetch, deduplicated content), checked right away "
-    "(snapshot_structure). One run backs up a batch of mailboxes concurrently; each partition succeeds or "
-    "fails on its own.",
-)
-def mailbox_backup(context: dg.AssetExecutionContext, mailpipe: MailpipeResource):
+def build_backup_asset(shard: Shard) -> dg.AssetsDefinition:
+    """The backup asset of one shard: ``mailbox_backup/<tenant>[/<shard>]`` on the shard's partition set."""
+    spec = snapshot_structure_spec(shard)
+
+    @dg.asset(
+        key=shard.asset_key,
+        partitions_def=shard.partitions_def,
+        backfill_policy=dg.BackfillPolicy.multi_run(BATCH_SIZE),
+        output_required=False,
+        group_name="mailpipe",
+        kinds={"python"},
+        check_specs=[spec],
+        description=f"The Exchange Online mailboxes of tenant {shard.tenant}"
+        + (f" (shard {shard.index} of {shard.count}: sha256(upn) mod {shard.count} = {shard.index})"
+           if shard.count > 1 else "")
+        + ", backed up into the tenant's repository: each materialization of a partition (one mailbox) is a "
+        "committed point-in-time snapshot (incremental fetch, deduplicated content), checked right away "
+        "(snapshot_structure). One run backs up a batch of mailboxes concurrently; each partition succeeds or "
+        "fails on its own.",
+    )
+    def _asset(context: dg.AssetExecutionContext, mailpipe: MailpipeResource):
+        yield from backup_partitions(context, mailpipe, spec)
+
+    return _asset
+
+
+def build_backup_job(shard: Shard, asset: dg.AssetsDefinition):
+    spec = snapshot_structure_spec(shard)
+    return dg.define_asset_job(
+        shard.backup_job_name,
+        # the asset and the check it runs itself; not content_sample (its own jobs and schedule, checks.py)
+        selection=dg.AssetSelection.assets(asset).without_checks() | dg.AssetSelection.checks(spec.key),
+        partitions_def=shard.partitions_def,
+        tags={"tenant": shard.tenant},
+        description=f"Back up the mailboxes of {shard.asset_key.to_user_string()} in the run's key or key range, "
+        "and check each committed snapshot (the schedule, the retry sensor and mailbox_backup_job launch it).",
+    )
+
+
+def label_run(context: dg.AssetExecutionContext, keys: list[str]) -> None:
+    """Readable Runs page: a run launched without them (a UI backfill) gets the tags saying how many
+    mailboxes it covers and which range, when it starts."""
+    if MAILBOXES_TAG not in context.run.tags:
+        try:
+            context.instance.add_run_tags(context.run_id, range_tags(keys))
+        except Exception as e:  # a label: never worth failing a backup
+            context.log.warning(f"could not tag the run: {e}")
+
+
+def backup_partitions(context: dg.AssetExecutionContext, mailpipe: MailpipeResource, spec: dg.AssetCheckSpec):
     keys = list(context.partition_keys)
+    label_run(context, keys)
     by_tenant = group_by_tenant(keys)
-    check_structure = snapshot_structure_spec.key in context.selected_asset_check_keys
+    check_structure = spec.key in context.selected_asset_check_keys
     since = retry_since(context)
     if since:
         context.log.info(f"retry of a run started {since.isoformat()}: mailboxes committed since are skipped")
@@ -112,7 +152,7 @@ def mailbox_backup(context: dg.AssetExecutionContext, mailpipe: MailpipeResource
         if check_structure and committed:
             yield from snapshot_structure_evaluations(context, mailpipe, tenant, committed)
     if check_structure:  # the check's output (its results are the evaluations above, one per mailbox)
-        yield dg.Output(None, output_name=snapshot_structure_spec.get_python_identifier())
+        yield dg.Output(None, output_name=spec.get_python_identifier())
     if failures:
         lines = "\n".join(f"- {k}: {v}" for k, v in sorted(failures.items()))
         raise dg.Failure(
@@ -121,12 +161,3 @@ def mailbox_backup(context: dg.AssetExecutionContext, mailpipe: MailpipeResource
         )
     # no output of the asset itself: each partition is materialized by its own event above
 
-
-mailbox_backup_job = dg.define_asset_job(
-    "mailbox_backup_job",
-    # the asset and the check it runs itself; not content_sample (its own job and schedule, mailpipe.defs.checks)
-    selection=dg.AssetSelection.assets(mailbox_backup).without_checks()
-    | dg.AssetSelection.checks(snapshot_structure_spec.key),
-    partitions_def=mailboxes_partitions,
-    description="Back up the mailboxes of the run's partition key or key range, and check each committed snapshot.",
-)

@@ -1,13 +1,13 @@
-"""Asset checks on ``mailbox_backup``, one result per mailbox (partition): what ``mailpipe check`` finds,
-shown where users look.
+"""Asset checks on each ``mailbox_backup/<tenant>[/<shard>]`` asset, one result per mailbox (partition):
+what ``mailpipe check`` finds, shown where users look.
 
 - ``snapshot_structure``: after each mailbox's materialization, the structural check of the snapshot just
   committed (commit record, manifest and folder table read and validated whole, every chunk they name
   present; no content read). Run inside the asset's step, by :func:`snapshot_structure_evaluations`.
 - ``content_sample``: a rotating ``--read-data`` check: each day's run reads and verifies the chunks in
   one slice of ``MAILPIPE_SAMPLE_CHECK_DAYS`` (30) that the mailboxes' snapshots reference, so every chunk
-  is read once a cycle. Its own job and daily schedule, one run per tenant's block of mailboxes; a problem
-  fails the check (ERROR) and the run.
+  is read once a cycle. Its own jobs (one per shard, and the entry point ``content_sample_job``) and daily
+  schedule, one run per tenant; a problem fails the check (ERROR) and the run.
 
 Both are *partitioned* checks (Dagster 1.13 shows a partitioned check's status per partition: the asset's
 Checks tab → the check → its partitions, each with its latest evaluation and metadata). A batched run
@@ -24,31 +24,33 @@ from typing import Any
 import dagster as dg
 
 from mailpipe.defs import settings
-from mailpipe.defs.partitions import PARTITIONS_NAME, contiguous_ranges, group_by_tenant, mailboxes_partitions
+from mailpipe.defs.partitions import KeyRange, Layout, Shard, group_by_tenant
 from mailpipe.defs.resources import MailpipeResource
 from mailpipe.errors import UserError
 
 # partitioned asset checks are "preview" in 1.13; they are what shows a result per mailbox, and we pin Dagster
 warnings.filterwarnings("ignore", message=".*partitions_def.*", category=dg.PreviewWarning)
 
-ASSET_KEY = dg.AssetKey("mailbox_backup")
 SNAPSHOT_STRUCTURE = "snapshot_structure"
 CONTENT_SAMPLE = "content_sample"
 PROBLEMS_SHOWN = 20  # per mailbox, in the evaluation's metadata (problem_count counts them all)
 SAMPLE_TAG = "mailpipe/sample"  # "k/n": the slice a content_sample run reads (the schedule sets it)
 SAMPLE_LIMIT_TAG = "sample_check"  # = tenant; dagster.yaml runs one content_sample run per tenant at a time
-SAMPLE_JOB = "content_sample_job"
-
-snapshot_structure_spec = dg.AssetCheckSpec(
-    SNAPSHOT_STRUCTURE, asset=ASSET_KEY, partitions_def=mailboxes_partitions, blocking=False,
-    description="The snapshot this materialization committed is restorable as far as can be seen without "
-    "reading content: its commit record, manifest and folder table are read and validated whole, and every "
-    "chunk they name is in the repository. Fails (ERROR) listing the first problems; missing chunks are "
-    "marked for repair by the next backup.",
-)
+SAMPLE_JOB = "content_sample_job"  # the entry point (routing.py); each shard has its own content_sample_job__<shard>
 
 
-def _target(instance: dg.DagsterInstance, key: str) -> Any:
+def snapshot_structure_spec(shard: Shard) -> dg.AssetCheckSpec:
+    """The ``snapshot_structure`` check of one shard's asset (declared on the asset, which runs it)."""
+    return dg.AssetCheckSpec(
+        SNAPSHOT_STRUCTURE, asset=shard.asset_key, partitions_def=shard.partitions_def, blocking=False,
+        description="The snapshot this materialization committed is restorable as far as can be seen without "
+        "reading content: its commit record, manifest and folder table are read and validated whole, and every "
+        "chunk they name is in the repository. Fails (ERROR) listing the first problems; missing chunks are "
+        "marked for repair by the next backup.",
+    )
+
+
+def _target(instance: dg.DagsterInstance, asset_key: dg.AssetKey, key: str) -> Any:
     """The partition's latest materialization, which an evaluation must name to count as its current
     result (else the UI drops it). ``AssetCheckResult`` fills this in for single-partition steps only; the
     type is not exported by dagster 1.13.27, hence the private import."""
@@ -56,7 +58,7 @@ def _target(instance: dg.DagsterInstance, key: str) -> Any:
         AssetCheckEvaluationTargetMaterializationData,
     )
 
-    recs = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=ASSET_KEY, asset_partitions=[key]),
+    recs = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=asset_key, asset_partitions=[key]),
                                            limit=1).records
     if not recs:
         return None
@@ -64,12 +66,12 @@ def _target(instance: dg.DagsterInstance, key: str) -> Any:
                                                          timestamp=recs[0].timestamp)
 
 
-def _evaluation(instance: dg.DagsterInstance, check: str, key: str, passed: bool, description: str,
-                metadata: dict[str, Any]) -> dg.AssetCheckEvaluation:
+def _evaluation(instance: dg.DagsterInstance, asset_key: dg.AssetKey, check: str, key: str, passed: bool,
+                description: str, metadata: dict[str, Any]) -> dg.AssetCheckEvaluation:
     return dg.AssetCheckEvaluation(
-        asset_key=ASSET_KEY, check_name=check, passed=passed, partition=key, metadata=metadata,
+        asset_key=asset_key, check_name=check, passed=passed, partition=key, metadata=metadata,
         severity=dg.AssetCheckSeverity.ERROR, description=description, blocking=False,
-        target_materialization_data=_target(instance, key))
+        target_materialization_data=_target(instance, asset_key, key))
 
 
 def _findings(mb: Any) -> tuple[bool, dict[str, Any]]:
@@ -95,7 +97,7 @@ def snapshot_structure_evaluations(context: dg.AssetExecutionContext, mailpipe: 
         res = mailpipe.check_snapshots(tenant, [(r.user_id, r.upn, r.snapshot_id) for r in committed])
     except Exception as e:  # the check could not run (the repository unreachable…): said on each mailbox
         for r in committed:
-            yield _evaluation(context.instance, SNAPSHOT_STRUCTURE, f"{tenant.name}:{r.upn}", False,
+            yield _evaluation(context.instance, context.asset_key, SNAPSHOT_STRUCTURE, f"{tenant.name}:{r.upn}", False,
                               f"the check could not run: {str(e)[:300]}",
                               {"snapshot_id": dg.MetadataValue.text(r.snapshot_id or ""),
                                "error": dg.MetadataValue.text(f"{type(e).__name__}: {e}"[:1000])})
@@ -111,7 +113,7 @@ def snapshot_structure_evaluations(context: dg.AssetExecutionContext, mailpipe: 
         else:
             text = f"snapshot {r.snapshot_id}: {_first(mb)}"
             context.log.error(f"{key}: {SNAPSHOT_STRUCTURE} failed: {text}")
-        yield _evaluation(context.instance, SNAPSHOT_STRUCTURE, key, passed, text, md)
+        yield _evaluation(context.instance, context.asset_key, SNAPSHOT_STRUCTURE, key, passed, text, md)
 
 
 # -- content_sample ---------------------------------------------------------------------------------------
@@ -135,16 +137,25 @@ def run_sample(tags: dict[str, str], today: datetime) -> tuple[int, int]:
     return k, n
 
 
-@dg.asset_check(
-    asset=ASSET_KEY, name=CONTENT_SAMPLE, partitions_def=mailboxes_partitions, blocking=False,
-    description="A rotating `mailpipe check --read-data`: reads and verifies (decompress, SHA-256) the chunks "
-    "in today's slice of the mailbox's snapshots (all of them), so every chunk is read once every "
-    f"MAILPIPE_SAMPLE_CHECK_DAYS days ({settings.SAMPLE_CHECK_DAYS}). Fails (ERROR) listing the first "
-    "problems, and fails its run; damaged chunks are marked for repair by the next backup.",
-)
-def content_sample(context: dg.AssetCheckExecutionContext, mailpipe: MailpipeResource):
+def build_content_sample(shard: Shard) -> dg.AssetChecksDefinition:
+    """The ``content_sample`` check of one shard's asset."""
+
+    @dg.asset_check(
+        asset=shard.asset_key, name=CONTENT_SAMPLE, partitions_def=shard.partitions_def, blocking=False,
+        description="A rotating `mailpipe check --read-data`: reads and verifies (decompress, SHA-256) the chunks "
+        "in today's slice of the mailbox's snapshots (all of them), so every chunk is read once every "
+        f"MAILPIPE_SAMPLE_CHECK_DAYS days ({settings.SAMPLE_CHECK_DAYS}). Fails (ERROR) listing the first "
+        "problems, and fails its run; damaged chunks are marked for repair by the next backup.",
+    )
+    def _check(context: dg.AssetCheckExecutionContext, mailpipe: MailpipeResource):
+        yield from sample_partitions(context, mailpipe, shard.asset_key)
+
+    return _check
+
+
+def sample_partitions(context: dg.AssetCheckExecutionContext, mailpipe: MailpipeResource, asset_key: dg.AssetKey):
     # (In a run that also backs mailboxes up — a UI backfill selects every check of the asset — Dagster skips
-    # this step: it follows the asset's output, which mailbox_backup never yields. It reads in its own runs.)
+    # this step: it follows the asset's output, which the backup asset never yields. It reads in its own runs.)
     oc = context.op_execution_context
     keys = list(oc.partition_keys)
     k, n = run_sample(oc.run.tags, datetime.now(timezone.utc))
@@ -156,7 +167,7 @@ def content_sample(context: dg.AssetCheckExecutionContext, mailpipe: MailpipeRes
         except UserError as e:  # a tenant no longer configured, a repository that cannot be opened
             for u in upns:
                 failed[f"{tenant_name}:{u}"] = str(e)
-                yield _evaluation(context.instance, CONTENT_SAMPLE, f"{tenant_name}:{u}", False,
+                yield _evaluation(context.instance, asset_key, CONTENT_SAMPLE, f"{tenant_name}:{u}", False,
                                   f"the check could not run: {str(e)[:300]}",
                                   {"sample": dg.MetadataValue.text(f"{k}/{n}")})
             continue
@@ -174,7 +185,7 @@ def content_sample(context: dg.AssetCheckExecutionContext, mailpipe: MailpipeRes
             text = f"slice {k}/{n}: " + ("every chunk read is intact" if passed else _first(mb))
             if not passed:
                 failed[key] = _first(mb)
-            yield _evaluation(context.instance, CONTENT_SAMPLE, key, passed, text, md)
+            yield _evaluation(context.instance, asset_key, CONTENT_SAMPLE, key, passed, text, md)
     yield dg.Output(None)
     if failed:
         lines = "\n".join(f"- {key}: {why}" for key, why in sorted(failed.items())[:50])
@@ -182,40 +193,56 @@ def content_sample(context: dg.AssetCheckExecutionContext, mailpipe: MailpipeRes
                          metadata={"failed": dg.MetadataValue.json(failed)}, allow_retries=False)
 
 
-content_sample_job = dg.define_asset_job(
-    SAMPLE_JOB, selection=dg.AssetSelection.checks(content_sample), partitions_def=mailboxes_partitions,
-    description="The content_sample check over the run's mailbox key or key range (slice from the run tag "
-    f"{SAMPLE_TAG}=k/n, else today's).",
-    # a failed sample is damage found, not a transient error: run it again and it reads the same slice again
-    tags={"dagster/max_retries": "0"},
-)
+def build_sample_job(shard: Shard, check: dg.AssetChecksDefinition):
+    return dg.define_asset_job(
+        shard.sample_job_name, selection=dg.AssetSelection.checks(check), partitions_def=shard.partitions_def,
+        description=f"The content_sample check of {shard.asset_key.to_user_string()} over the run's mailbox key or "
+        f"key range (slice from the run tag {SAMPLE_TAG}=k/n, else today's).",
+        # a failed sample is damage found, not a transient error: run it again and it reads the same slice again
+        tags={"dagster/max_retries": "0"},
+    )
 
 
-def sample_run_requests(instance: dg.DagsterInstance, when: datetime, n: int) -> list[dg.RunRequest]:
-    """One run per tenant's contiguous block of registered mailboxes (the whole block: the work is one slice
-    of its chunks), reading slice ``day number mod n`` of ``when``; tagged ``sample_check=<tenant>``, not
-    ``tenant``, so that it does not hold up the tenant's backups."""
+def sample_run_requests(instance: dg.DagsterInstance, layout: Layout, when: datetime, n: int) -> list[dg.RunRequest]:
+    """One ``content_sample_job`` run per tenant, over all its registered mailboxes (the work is one slice
+    of its chunks; the job starts one run per shard), reading slice ``day number mod n`` of ``when``;
+    tagged ``sample_check=<tenant>``, not ``tenant``, so that it does not hold up the tenant's backups."""
     from mailpipe.repo.check import day_slice
 
-    keys = instance.get_dynamic_partitions(PARTITIONS_NAME)
     k = day_slice(when.date(), n)
     out = []
-    for r in contiguous_ranges(keys, keys, max(1, len(keys))):
+    for tenant in sorted(layout.counts):
+        first = last = None
+        count = 0
+        for shard in layout.shards_of(tenant):
+            keys = instance.get_dynamic_partitions(shard.partitions_name)
+            if keys:
+                count += len(keys)
+                lo, hi = min(keys), max(keys)
+                first = lo if first is None or lo < first else first
+                last = hi if last is None or hi > last else last
+        if not count:
+            continue
+        r = KeyRange(tenant, (first,) if first == last else (first, last))
         tags = {t: v for t, v in r.tags().items() if t != "tenant"}
-        tags.update({SAMPLE_LIMIT_TAG: r.tenant, SAMPLE_TAG: f"{k}/{n}"})
-        out.append(dg.RunRequest(run_key=f"{when.isoformat()}:{r.start}", job_name=content_sample_job.name, tags=tags))
+        tags.update({"mailpipe/mailboxes": str(count), SAMPLE_LIMIT_TAG: tenant, SAMPLE_TAG: f"{k}/{n}"})
+        out.append(dg.RunRequest(run_key=f"{when.isoformat()}:{tenant}", job_name=SAMPLE_JOB, tags=tags))
     return out
 
 
-@dg.schedule(
-    name="verify_content_sample", cron_schedule=settings.SAMPLE_CHECK_CRON, job=content_sample_job,
-    execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.RUNNING,
-    description=f"Daily ({settings.SAMPLE_CHECK_CRON} UTC, MAILPIPE_SAMPLE_CHECK_CRON): the content_sample check "
-    f"of every registered mailbox, slice (day number mod {settings.SAMPLE_CHECK_DAYS}) "
-    "(MAILPIPE_SAMPLE_CHECK_DAYS), one run per tenant's block of mailboxes.",
-)
-def verify_content_sample(context: dg.ScheduleEvaluationContext):
-    reqs = sample_run_requests(context.instance, context.scheduled_execution_time, settings.SAMPLE_CHECK_DAYS)
-    if not reqs:
-        return dg.SkipReason("no mailboxes registered yet (the discover_mailboxes sensor adds them)")
-    return reqs
+def build_sample_schedule(layout: Layout, job) -> dg.ScheduleDefinition:
+    @dg.schedule(
+        name="verify_content_sample", cron_schedule=settings.SAMPLE_CHECK_CRON, job=job,
+        execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.RUNNING,
+        description=f"Daily ({settings.SAMPLE_CHECK_CRON} UTC, MAILPIPE_SAMPLE_CHECK_CRON): the content_sample "
+        f"check of every registered mailbox, slice (day number mod {settings.SAMPLE_CHECK_DAYS}) "
+        "(MAILPIPE_SAMPLE_CHECK_DAYS), one run per tenant (content_sample_job: one run per shard inside it).",
+    )
+    def verify_content_sample(context: dg.ScheduleEvaluationContext):
+        reqs = sample_run_requests(context.instance, layout, context.scheduled_execution_time,
+                                   settings.SAMPLE_CHECK_DAYS)
+        if not reqs:
+            return dg.SkipReason("no mailboxes registered yet (the discover_mailboxes sensor adds them)")
+        return reqs
+
+    return verify_content_sample

@@ -16,6 +16,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(default: .mailpipe/dagster_home). Same code as the discover_mailboxes sensor.")
     d.add_argument("tenant", nargs="?", help="one tenant (default: all)")
     d.set_defaults(func=_discover)
+    g = sub.add_parser("migrate-partitions", help="register every mailbox of the routing index in its shard's "
+                       "partition set (an instance from before the fleet layout, or a tenant re-sharded)",
+                       description="Every key of the Dagster set `mailboxes` (every mailbox ever registered, "
+                       "vanished ones too) whose tenant is configured is added to its shard's partition set "
+                       "(mailboxes__<tenant>[__sKKofNN]), each set's new keys sorted. Idempotent. The old asset "
+                       "`mailbox_backup` and its history stay in the instance, readable as before "
+                       "(docs/OPERATIONS.md, \"Fleet layout\").")
+    g.add_argument("--dry-run", action="store_true", help="say what would be registered; register nothing")
+    g.set_defaults(func=_migrate)
     m = sub.add_parser("demo", help="back up the demo tenant twice through Dagster, and print a summary",
                        description="On the built-in demo tenant (simulated Graph, local storage under "
                        ".mailpipe): discover its mailboxes, back them up with mailbox_backup_job in batched "
@@ -60,20 +69,69 @@ def ensure_dagster_home() -> Path:
 def _discover(args: argparse.Namespace) -> int:
     import dagster as dg
 
-    from mailpipe.defs.discovery import discover_all
-    from mailpipe.defs.partitions import PARTITIONS_NAME
+    from mailpipe.defs.discovery import discover_all, register as register_keys
     from mailpipe.defs.resources import MailpipeResource
 
     home = ensure_dagster_home()
     instance = dg.DagsterInstance.get()
     failed = False
     for r in discover_all(MailpipeResource.from_settings(args.settings), instance, args.tenant):
-        if r.new_keys:
-            instance.add_dynamic_partitions(PARTITIONS_NAME, r.new_keys)
+        register_keys(instance, [r])
         print(r.summary())
         failed |= r.error is not None
     print(f"(Dagster instance: {home})", file=sys.stderr)
     return 1 if failed else 0
+
+
+def migrate_partitions(instance, layout, dry_run: bool = False) -> list[str]:
+    """Register every key of the routing index in its shard's set; one line per set (and per unknown tenant)."""
+    from mailpipe.defs.discovery import add_requests
+    from mailpipe.defs.partitions import MAX_KEYS_PER_SET, ROUTING_PARTITIONS, KeyCache, split_key
+
+    cache = KeyCache(instance, layout)
+    by_set: dict = {}
+    unknown: dict[str, int] = {}
+    for k in instance.get_dynamic_partitions(ROUTING_PARTITIONS):
+        shard = layout.shard_of(k)
+        if shard is None:
+            t = split_key(k)[0]
+            unknown[t] = unknown.get(t, 0) + 1
+            continue
+        by_set.setdefault(shard, []).append(k)
+    lines = []
+    for shard in layout.shards:
+        index = cache.index(shard)
+        new = sorted(k for k in by_set.get(shard, []) if k not in index.pos)
+        if len(index) + len(new) > MAX_KEYS_PER_SET:
+            lines.append(f"{shard.partitions_name}: would hold {len(index) + len(new):,} keys (more than "
+                         f"{MAX_KEYS_PER_SET:,}): give tenant {shard.tenant} more shards; nothing registered")
+            continue
+        if new and not dry_run:
+            for req in add_requests(shard.partitions_name, new):
+                instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+        lines.append(f"{shard.partitions_name}: {len(new)} {'to register' if dry_run else 'registered'}, "
+                     f"{len(index)} already there (asset {shard.asset_key.to_user_string()})")
+    for t, n in sorted(unknown.items()):
+        lines.append(f"tenant {t}: {n} key(s) in {ROUTING_PARTITIONS}, not in the tenants file: left as they are")
+    return lines
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    import dagster as dg
+
+    from mailpipe.config import load_tenants
+    from mailpipe.defs.partitions import LEGACY_ASSET_KEY, Layout
+
+    home = ensure_dagster_home()
+    instance = dg.DagsterInstance.get()
+    lines = migrate_partitions(instance, Layout.of(load_tenants()), args.dry_run)
+    for line in lines:
+        print(line)
+    if instance.get_latest_materialization_event(LEGACY_ASSET_KEY) is not None:
+        print(f"the pre-fleet asset {LEGACY_ASSET_KEY.to_user_string()} keeps its history (partition set "
+              "mailboxes); it is no longer backed up")
+    print(f"(Dagster instance: {home})", file=sys.stderr)
+    return 1 if any("nothing registered" in line for line in lines) else 0
 
 
 # the demo prints its own summary; Dagster's step-by-step log stays in the run's log (the UI shows it)
@@ -82,14 +140,18 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 def _run_batches(instance, keys: list[str]) -> dict[str, dict]:
     """Execute mailbox_backup_job over ``keys`` in batched runs; {key: metadata or {"error": ...}}."""
-    from mailpipe.defs.partitions import PARTITIONS_NAME, contiguous_ranges
+    from mailpipe.defs import current_definitions, current_layout
+    from mailpipe.defs.partitions import KeyCache, contiguous_ranges
     from mailpipe.defs.settings import BATCH_SIZE
-    from mailpipe.definitions import defs
 
-    job = defs.resolve_job_def("mailbox_backup_job")
+    defs, cache = current_definitions(), KeyCache(instance, current_layout())
     out: dict[str, dict] = {}
-    all_keys = instance.get_dynamic_partitions(PARTITIONS_NAME)
-    for rng in contiguous_ranges(all_keys, keys, BATCH_SIZE):
+    by_shard: dict = {}
+    for k in keys:
+        by_shard.setdefault(cache.layout.shard_of(k), []).append(k)
+    ranges = [r for shard, ks in by_shard.items() for r in contiguous_ranges(cache.index(shard), ks, BATCH_SIZE, shard)]
+    for rng in ranges:
+        job = defs.resolve_job_def(rng.shard.backup_job_name)
         res = job.execute_in_process(instance=instance, tags={**rng.tags(), "mailpipe/source": "demo"},
                                      raise_on_error=False, run_config=QUIET)
         for ev in res.get_asset_materialization_events():
@@ -117,8 +179,8 @@ def _demo(args: argparse.Namespace) -> int:
     import dagster as dg
 
     from mailpipe.config import DEMO_TENANT, TENANTS_ENV, demo_tenant
-    from mailpipe.defs.discovery import discover_tenant
-    from mailpipe.defs.partitions import PARTITIONS_NAME
+    from mailpipe.defs.discovery import discover_tenant, register as register_keys
+    from mailpipe.defs.partitions import Layout
     from mailpipe.defs.resources import MailpipeResource
     from mailpipe.sim import _Endpoint
     from mailpipe.sim.embedded import ensure_running
@@ -134,11 +196,10 @@ def _demo(args: argparse.Namespace) -> int:
     if rep.error:
         print(f"discovery failed: {rep.error}", file=sys.stderr)
         return 1
-    if rep.new_keys:
-        instance.add_dynamic_partitions(PARTITIONS_NAME, rep.new_keys)
+    register_keys(instance, [rep])
     print(rep.summary())
-    keys = sorted(k for k in instance.get_dynamic_partitions(PARTITIONS_NAME) if k.startswith(f"{DEMO_TENANT}:")
-                  and k not in rep.vanished)
+    keys = sorted(k for s in Layout.of([tenant]).shards for k in instance.get_dynamic_partitions(s.partitions_name)
+                  if k not in rep.vanished)
     t1 = time.monotonic()
     first = _run_batches(instance, keys)
     _summary("backup 1", first, time.monotonic() - t1)

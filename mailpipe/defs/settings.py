@@ -12,6 +12,8 @@ SETTINGS = Settings.from_env()
 
 BATCH_SIZE = SETTINGS.batch_size                          # mailboxes per run (backfills, schedule, retries)
 BACKUP_CRON = SETTINGS.backup_cron                        # UTC
+BACKUP_RUNS_PER_TICK = SETTINGS.backup_runs_per_tick      # the schedule's sweep, per tick
+BACKUP_SWEEP_INTERVAL_S = SETTINGS.backup_sweep_interval
 DISCOVERY_INTERVAL_S = SETTINGS.discovery_interval
 RETRY_INTERVAL_S = SETTINGS.mailbox_retry_interval
 RETRY_MAX_ATTEMPTS = SETTINGS.mailbox_retry_max_attempts  # per failed partition
