@@ -139,7 +139,7 @@ class Settings:
     prune_safety: float = 3600.0
     work_dir: str = ""
     max_parallel_mailboxes: int = 32
-    batch_size: int = 25
+    batch_size: int = 50
     backup_cron: str = "0 2 * * *"
     backup_runs_per_tick: int = 20
     backup_sweep_interval: int = 30

@@ -263,6 +263,30 @@ class RestoreJob:
         r.expected_seconds = round(max(r.items_selected * 1.05 / per_second,
                                        budget.seconds_for(int(r.bytes_selected * 1.1))), 1)
 
+    async def _resume_or_pin(self, target_id: str, rid: str, **plan_extra: Any) -> set[str]:
+        """Continue restore ``rid`` from the snapshot and folder its first run pinned (returns the source
+        items it already restored), or pin them now: the plan names the snapshot (which forget then keeps)."""
+        req, r = self.req, self.r
+        plan = await self._io(lambda: self.repo.read_restore_plan(target_id, rid))
+        done: set[str] = set()
+        if not plan:
+            await self._io(lambda: self.repo.write_restore_plan(target_id, rid, {
+                "request": {k: v for k, v in req.__dict__.items()}, "source": self.source_uid,
+                "snapshot_id": self.snap.snapshot_id, "target": target_id, "root": self.root,
+                "started_at": datetime.now(timezone.utc).isoformat(), "items": r.items_selected, **plan_extra}))
+            return done
+        if (plan.get("snapshot_id"), plan.get("root")) != (self.snap.snapshot_id, self.root):
+            await self.plan(pinned=plan)  # the snapshot and folder the first run chose
+        self.warnings.append(f"continuing restore {rid}, started {str(plan.get('started_at'))[:19]} UTC "
+                             f"from snapshot {self.snap.snapshot_id}")
+
+        def read_done() -> None:
+            for row in self.repo.iter_restore_progress(target_id, rid):
+                done.add(row["source"])
+
+        await self._io(read_done)
+        return done
+
     # -- run -------------------------------------------------------------------------------------------------
     async def run(self, graph_options: dict[str, Any]) -> None:
         from mailpipe.graph import GraphTenant
@@ -281,24 +305,7 @@ class RestoreJob:
                 what="run of this restore"))
             renewer = asyncio.create_task(self._renew(lease))
             try:
-                plan = await self._io(lambda: self.repo.read_restore_plan(target.id, rid))
-                done: set[str] = set()
-                if plan:
-                    if (plan.get("snapshot_id"), plan.get("root")) != (self.snap.snapshot_id, self.root):
-                        await self.plan(pinned=plan)  # the snapshot and folder the first run chose
-                    self.warnings.append(f"continuing restore {rid}, started {str(plan.get('started_at'))[:19]} UTC "
-                                         f"from snapshot {self.snap.snapshot_id}")
-
-                    def read_done() -> None:
-                        for row in self.repo.iter_restore_progress(target.id, rid):
-                            done.add(row["source"])
-
-                    await self._io(read_done)
-                else:
-                    await self._io(lambda: self.repo.write_restore_plan(target.id, rid, {
-                        "request": {k: v for k, v in req.__dict__.items()}, "source": self.source_uid,
-                        "snapshot_id": self.snap.snapshot_id, "target": target.id, "root": self.root,
-                        "started_at": datetime.now(timezone.utc).isoformat(), "items": r.items_selected}))
+                done = await self._resume_or_pin(target.id, rid)
                 folder_ids = await self._folders(writer, graph, mb)
                 existing = await self._existing(writer, {folder_ids[p] for p in self.target_of.values()}, rid)
                 await self._items(writer, folder_ids, existing, done, rid)

@@ -80,25 +80,7 @@ class FidelityRestoreJob(RestoreJob):
                 what="run of this restore"))
             renewer = asyncio.create_task(self._renew(lease))
             try:
-                plan = await self._io(lambda: self.repo.read_restore_plan(target.id, rid))
-                done: set[str] = set()
-                if plan:
-                    if (plan.get("snapshot_id"), plan.get("root")) != (self.snap.snapshot_id, self.root):
-                        await self.plan(pinned=plan)
-                    self.warnings.append(f"continuing restore {rid}, started {str(plan.get('started_at'))[:19]} UTC "
-                                         f"from snapshot {self.snap.snapshot_id}")
-
-                    def read_done() -> None:
-                        for row in self.repo.iter_restore_progress(target.id, rid):
-                            done.add(row["source"])
-
-                    await self._io(read_done)
-                else:
-                    await self._io(lambda: self.repo.write_restore_plan(target.id, rid, {
-                        "request": {k: v for k, v in req.__dict__.items()}, "source": self.source_uid,
-                        "snapshot_id": self.snap.snapshot_id, "target": target.id, "root": self.root,
-                        "started_at": datetime.now(timezone.utc).isoformat(), "items": r.items_selected,
-                        "content": "fidelity"}))
+                done = await self._resume_or_pin(target.id, rid, content="fidelity")
                 folder_ids = await self._fidelity_folders(ex)
                 self._sizes: dict[str, dict[int | None, set[str]]] = {}  # target folder → size → item ids
                 self._sha: dict[str, str] = {}                             # target item → its stream's sha256
