@@ -731,7 +731,7 @@ def middle_item(sim, upn: str) -> str:
     return sorted(msgs)[len(msgs) // 2]
 
 
-@BOTH_BACKENDS
+# (SQLite only: test_scale_out.py runs a UI backfill through a webserver and daemon on Postgres, with Celery)
 def test_webserver_and_daemon_run_a_ui_backfill_in_batches_and_dagsters_run_retry_recovers_a_failure(env):
     """What a user does in the UI: launch a backfill over t1:* (the GraphQL mutation the UI sends);
     the daemon submits batched runs; each mailbox gets its own status. One mailbox fails after storing
