@@ -26,11 +26,8 @@ import cProfile
 import logging
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 
 from bench.common import line
 from mailpipe.backup import backup_mailboxes
@@ -44,39 +41,6 @@ def _tenant(sim, storage: str, s3: S3Config | None = None) -> TenantConfig:
     return TenantConfig(name="bench", tenant_id="11111111-2222-3333-4444-555555555555",
                         client_id="66666666-7777-8888-9999-000000000000", auth=AuthConfig(simulator=True),
                         storage=storage, graph_url=sim.graph_url, limits=Limits(4, 10**9), s3=s3 or S3Config())
-
-
-class MotoProcess:
-    """moto's S3 server in a child process on 127.0.0.1 (its CPU is not the backup's)."""
-
-    def __init__(self) -> None:
-        from mailpipe_tests.conftest import free_port
-
-        for k, v in {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}.items():
-            os.environ.setdefault(k, v)
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(self.endpoint + "/moto-api/", timeout=2).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("moto's server did not start") from None
-                time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 def _backup(t: TenantConfig, upn: str, profile: str | None = None) -> tuple[float, int]:
@@ -100,11 +64,9 @@ def part1(work: str, items: int, profile_dir: str | None, kinds: str = "plain,at
     print(f"1. CPU per item of the backup process (median of {RUNS} mailboxes of {items} items; noisy when the "
           "machine has other load)")
     out: dict = {}
-    moto = MotoProcess()
-    try:
-        from mailpipe.repo.store import make_s3_client
+    from bench.format_bench import Moto  # moto's S3 server in its own process: its CPU is not the backup's
 
-        make_s3_client(moto.endpoint, "us-east-1").create_bucket(Bucket="bench")
+    with Moto() as moto:  # (creates the bucket)
         for kind, plain, n in (("plain", True, items), ("attach", False, max(100, items * 2 // 5))):
             if kind not in kinds.split(","):
                 continue
@@ -134,8 +96,6 @@ def part1(work: str, items: int, profile_dir: str | None, kinds: str = "plain,at
                         label += f" (target <= {target})"
                     line(label, f"{med:.2f}  (runs: {', '.join(f'{x:.2f}' for x in per_item)}; {n} items each)")
                     out[f"cpu_ms_{kind}_{where}"] = med
-    finally:
-        moto.stop()
     return out
 
 
