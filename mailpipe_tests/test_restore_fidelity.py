@@ -173,3 +173,208 @@ def test_an_expired_import_session_is_replaced(sim_factory, tmp_path):
     assert st["import_expired"][b] >= 1 and st["import_sessions"][b] >= 2
     new = [i for i in fid_truth(sim, b)["items"] if i["folder_path"][:1] == ["Late"]]
     assert len(new) == ra.items_total
+
+
+# collision policies: skip, replace, copy — each idempotent ----------------------------------------------------
+def _key(i):
+    return (i["type"], tuple(i["folder_path"]), i["sha256"])
+
+
+def test_replace_in_place_brings_changed_items_back_as_backed_up_keeping_their_ids(sim_factory, tmp_path):
+    """In place, an item changed since the backup is the same item (its id): ``skip`` leaves the user's version,
+    ``replace`` imports the backed-up stream over it (update mode: same id, nothing deleted). Items restored by
+    the skip run (new ids, recorded in its progress) are recognised too when changed again afterwards."""
+    sim = sim_factory(users=1, messages_per_mailbox=30, other_items=24, seed=47)
+    a = mailbox_upns(sim)[0]
+    t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
+    ra, = backup(t, [a])
+    truth = fid_truth(sim, a)
+    mb = sim.model.mailbox(a)
+    xs, ms = sorted(mb.xitems), sorted(mb.msgs)
+    edited_x, cat_m = xs[:4], ms[:3]
+    gone_x, gone_m = xs[4:6], ms[3:5]
+    sim.mutate(a, [{"op": "edit_item", "ids": edited_x}, {"op": "categorize", "ids": cat_m},
+                   {"op": "delete_item", "ids": gone_x}, {"op": "delete", "ids": gone_m}])
+    changed = {i["id"]: i["sha256"] for i in fid_truth(sim, a)["items"] if i["id"] in {*edited_x, *cat_m}}
+    before_sha = {i["id"]: i["sha256"] for i in truth["items"]}
+    assert all(changed[i] != before_sha[i] for i in changed)  # the edits changed the streams
+
+    skip = restore(t, upn=a, in_place=True)
+    assert skip.ok and skip.restored == 4 and skip.replaced == 0
+    now = {i["id"]: i["sha256"] for i in fid_truth(sim, a)["items"]}
+    assert all(now[i] == changed[i] for i in changed)  # skip kept the user's versions
+    # an item the skip run brought back, changed again by the user
+    back = sorted(set(now) - set(before_sha))
+    assert len(back) == 4
+    sim.mutate(a, [{"op": "edit_item", "ids": [b for b in back if b in sim.model.mailbox(a).xitems][:1]},
+                   {"op": "categorize", "ids": [b for b in back if b in sim.model.mailbox(a).msgs][:1]}])
+
+    rep = restore(t, upn=a, in_place=True, collisions="replace")
+    assert rep.ok and rep.failed_count == 0, rep.failed[:3]
+    assert rep.replaced == rep.restored == len(changed) + 2
+    assert rep.skipped_present == len(truth["items"]) - rep.replaced
+    after = fid_truth(sim, a)
+    assert Counter(_key(i) for i in after["items"]) == Counter(_key(i) for i in truth["items"])
+    ids_after = {i["id"] for i in after["items"]}
+    assert set(changed) <= ids_after and set(back) <= ids_after  # updated where they were, not recreated
+    assert not sim.stats()["requests"].get(a, {}).get("mailbox_item_delete")
+    again = restore(t, upn=a, in_place=True, collisions="replace")
+    assert again.ok and again.restored == 0 and again.resumed == len(truth["items"])
+
+
+def test_replace_after_copies_keeps_one_of_each_item_as_backed_up(sim_factory, tmp_path):
+    """Two copies of every item (a skip restore, then a copy restore) into another mailbox, some changed there:
+    ``replace`` leaves exactly one of each, as backed up — an unchanged copy kept, or a changed one updated —
+    and soft-deletes the other copies those restores made."""
+    sim = sim_factory(users=2, messages_per_mailbox=16, other_items=14, seed=48)
+    a, b = [u for u in mailbox_upns(sim) if not u.startswith("shared")][:2]
+    t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
+    ra, = backup(t, [a])
+    src = snapshot_rows(open_repository(t), ra.user_id)
+    want = Counter((r["item_type"], ("Here", *r["folder_path"]), r["sha256"]) for r in src)
+    first = restore(t, upn=a, to=b, into="Here")
+    assert first.ok and first.restored == len(src)
+    ids_first = {i["id"] for i in fid_truth(sim, b)["items"] if i["folder_path"][:1] == ["Here"]}
+    second = restore(t, upn=a, to=b, into="Here", collisions="copy")
+    assert second.ok and second.restored == len(src)
+    here = [i for i in fid_truth(sim, b)["items"] if i["folder_path"][:1] == ["Here"]]
+    assert Counter(_key(i) for i in here) == Counter({k: 2 * n for k, n in want.items()})
+    # change both copies of some items, one copy of others
+    mbb = sim.model.mailbox(b)
+    by_sha: dict[str, list[str]] = {}
+    for i in here:
+        by_sha.setdefault(i["sha256"], []).append(i["id"])
+    pairs = sorted(v for v in by_sha.values() if len(v) == 2)
+    x_pairs = [p for p in pairs if p[0] in mbb.xitems][:4]
+    m_pairs = [p for p in pairs if p[0] in mbb.msgs][:4]
+    both = x_pairs[:2] + m_pairs[:2]
+    one = x_pairs[2:] + m_pairs[2:]
+    edit = [i for p in both for i in p] + [p[0] for p in one]
+    sim.mutate(b, [{"op": "edit_item", "ids": [i for i in edit if i in mbb.xitems]},
+                   {"op": "categorize", "ids": [i for i in edit if i in mbb.msgs]}])
+
+    rep = restore(t, upn=a, to=b, into="Here", collisions="replace")
+    assert rep.ok and rep.failed_count == 0, rep.failed[:3]
+    assert rep.replaced == rep.restored == len(both)
+    here = [i for i in fid_truth(sim, b)["items"] if i["folder_path"][:1] == ["Here"]]
+    assert Counter(_key(i) for i in here) == want  # one of each, as backed up
+    assert {i["id"] for i in here} <= ids_first | {i for p in pairs for i in p}  # kept or updated, none new
+    assert sim.stats()["imported_items"][b] == 2 * len(src) + len(both)
+    again = restore(t, upn=a, to=b, into="Here", collisions="replace")
+    assert again.ok and again.restored == 0 and again.resumed == len(src)
+
+
+def test_a_copy_restore_killed_before_recording_progress_imports_nothing_twice(sim_factory, tmp_path):
+    """``copy`` into a folder that already holds a copy of every item; the restore is killed before it records
+    any progress. Started again, it recognises what it imported (new since its first run, the same stream) and
+    imports only the rest: two copies of each in the end, not three — and the copies that were there before are
+    not taken for its own."""
+    import json
+    import signal
+    import time
+
+    sim = sim_factory(users=2, messages_per_mailbox=40, other_items=30, seed=49, faults=FaultConfig(latency_ms=15))
+    a, b = [u for u in mailbox_upns(sim) if not u.startswith("shared")][:2]
+    tf = write_tenants_file(tmp_path / "tenants.yaml", "t1", sim.graph_url, tmp_path / "repo", content="fidelity")
+    t = make_tenant(sim, str(tmp_path / "repo"), name="t1", content="fidelity")
+    ra, = backup(t, [a])
+    total = ra.items_total
+    assert restore(t, upn=a, to=b, into="Here").restored == total
+    base = sim.stats()["imported_items"][b]
+    env = {**os.environ, "MAILPIPE_TENANTS": tf, "MAILPIPE_HOME": str(tmp_path / "home"),
+           "MAILPIPE_CHECKPOINT_SECONDS": "3600", "MAILPIPE_CHECKPOINT_ITEMS": "100000"}
+    cmd = [sys.executable, "-m", "mailpipe", "restore", "t1", a, "--to", b, "--into", "Here", "--collisions",
+           "copy", "--json"]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while sim.stats()["imported_items"].get(b, 0) < base + total // 2:
+        assert p.poll() is None and time.monotonic() < deadline, p.stderr.read()
+        time.sleep(0.005)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait(30)
+    imported_before = sim.stats()["imported_items"][b] - base
+    assert 0 < imported_before < total
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    res = json.loads(done.stdout.splitlines()[-1])
+    assert res["resumed"] == 0  # nothing was recorded before the kill
+    imported = sim.stats()["imported_items"][b] - base
+    assert imported == total  # not one item imported twice
+    assert res["completed"] == imported_before and res["restored"] == total - imported_before
+    here = [i for i in fid_truth(sim, b)["items"] if i["folder_path"][:1] == ["Here"]]
+    src = snapshot_rows(open_repository(t), ra.user_id)
+    assert Counter(_key(i) for i in here) == Counter(
+        {(r["item_type"], ("Here", *r["folder_path"]), r["sha256"]): 2 for r in src})
+
+
+def test_an_import_whose_answer_is_lost_is_not_confused_with_a_copy_already_there(sim_factory, tmp_path):
+    """Under ``copy`` the target already holds the same stream; imports are applied but their answers lost
+    (the connection dropped after the item was made). The restore must find *its* new item, not take the old
+    copy for it — and must not import it a second time either."""
+    sim = sim_factory(users=2, messages_per_mailbox=20, other_items=12, seed=50)
+    a, b = [u for u in mailbox_upns(sim) if not u.startswith("shared")][:2]
+    t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
+    ra, = backup(t, [a])
+    total = ra.items_total
+    assert restore(t, upn=a, to=b, into="Here").restored == total
+    there = {i["id"] for i in fid_truth(sim, b)["items"]}
+    base = sim.stats()["imported_items"][b]
+    sim.server.faults.p_lost_import = 0.3
+    res = restore(t, upn=a, to=b, into="Here", collisions="copy")
+    sim.server.faults.p_lost_import = 0.0
+    assert res.ok and res.failed_count == 0 and res.restored == total, (res.error, res.failed[:3])
+    assert sim.stats()["faults_injected"][b]["lost_import"] > 0
+    assert sim.stats()["imported_items"][b] - base == total  # found, not imported again
+    here = [i for i in fid_truth(sim, b)["items"] if i["folder_path"][:1] == ["Here"]]
+    assert len(here) == 2 * total and len({i["sha256"] for i in here}) == len(here) // 2
+    # and what it recorded as made is what it made: a later replace or resume relies on these ids
+    made = [r["created"] for r in open_repository(t).iter_restore_progress(sim.model.user(b).id, res.restore_id)]
+    assert len(set(made)) == total and not set(made) & there
+
+
+def test_replace_without_the_delete_permission_fails_those_items_by_name_and_a_later_run_finishes(sim_factory,
+                                                                                                  tmp_path):
+    sim = sim_factory(users=2, messages_per_mailbox=8, other_items=6, seed=51,
+                      roles=["Mail.Read", "MailboxItem.ImportExport.All", "MailboxFolder.ReadWrite.All"])
+    a, b = [u for u in mailbox_upns(sim) if not u.startswith("shared")][:2]
+    t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
+    ra, = backup(t, [a])
+    assert restore(t, upn=a, to=b, into="Here").restored == ra.items_total
+    assert restore(t, upn=a, to=b, into="Here", collisions="copy").restored == ra.items_total
+    rep = restore(t, upn=a, to=b, into="Here", collisions="replace")
+    assert rep.failed_count == ra.items_total  # each had a copy to delete
+    assert all("MailboxItem.ReadWrite.All" in f["reason"] for f in rep.failed)
+    assert len([i for i in fid_truth(sim, b)["items"] if i["folder_path"][:1] == ["Here"]]) == 2 * ra.items_total
+    sim.model.cfg.roles = None  # the permission granted
+    fixed = restore(t, upn=a, to=b, into="Here", collisions="replace")
+    assert fixed.ok and fixed.failed_count == 0 and fixed.skipped_present == ra.items_total
+    here = [i for i in fid_truth(sim, b)["items"] if i["folder_path"][:1] == ["Here"]]
+    assert len(here) == ra.items_total and sim.stats()["deleted_items"][b] == ra.items_total
+
+
+def test_an_update_whose_change_key_went_stale_is_sent_again_with_the_new_one(sim_factory, tmp_path, monkeypatch):
+    """Between the folder's listing and the update, the user changes the item again: Exchange refuses the stale
+    change key (400 ErrorIrresolvableConflict); the restore lists the folder again and updates with the new key."""
+    from mailpipe.graph.export import MailboxExport
+
+    sim = sim_factory(users=1, messages_per_mailbox=6, other_items=6, seed=52)
+    a = mailbox_upns(sim)[0]
+    t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
+    ra, = backup(t, [a])
+    truth = fid_truth(sim, a)
+    x = sorted(sim.model.mailbox(a).xitems)[0]
+    sim.mutate(a, [{"op": "edit_item", "ids": [x]}])
+    real = MailboxExport.import_item
+    raced = []
+
+    async def racing(self, session, folder_id, data, **kw):
+        if kw.get("mode") == "update" and not raced:
+            raced.append(kw["item_id"])
+            sim.mutate(a, [{"op": "edit_item", "ids": [kw["item_id"]], "category": "Red category"}])
+        return await real(self, session, folder_id, data, **kw)
+
+    monkeypatch.setattr(MailboxExport, "import_item", racing)
+    rep = restore(t, upn=a, in_place=True, collisions="replace")
+    assert raced == [x] and rep.ok and rep.failed_count == 0 and rep.replaced == 1, rep.failed
+    assert sim.stats()["requests"][a]["import"] == 2 and sim.stats()["imported_items"][a] == 1  # refused, then sent
+    assert Counter(_key(i) for i in fid_truth(sim, a)["items"]) == Counter(_key(i) for i in truth["items"])

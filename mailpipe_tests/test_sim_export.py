@@ -355,3 +355,63 @@ def test_imports_survive_a_restart_with_state_dir(tmp_path):
     with start_simulator(SimConfig(**cfg)) as s2:
         t2 = s2.truth(upns[1], fidelity=True)["mailboxes"][upns[1]]["fidelity"]
     assert new in {i["id"] for i in t2["items"]} and t1 == t2
+
+
+
+def _item_url(sim, mbx, fid, iid):
+    from urllib.parse import quote
+
+    return f"{sim.graph_url}/admin/exchange/mailboxes/{quote(mbx, safe=':@')}/folders/{fid}/items/{iid}"
+
+
+def test_delete_item_needs_a_disposal_type_and_its_permission(sim_factory):
+    """``DELETE folders/{id}/items/{id}?disposalType=softDelete|hardDelete`` (msgraph-sdk's builder, the required
+    query parameter on its URL): 204, the item leaves its folder's delta as removed; without disposalType or with
+    another value, 400; an app without ``MailboxItem.ReadWrite.All``, 403 naming it."""
+    from kiota_abstractions.api_error import APIError
+
+    sim = sim_factory(users=1, messages_per_mailbox=10, other_items=8, seed=5)
+    upn, uid = first_user(sim)
+    mb = sim.model.mailbox(uid)
+    xid, mid = sorted(mb.xitems)[0], sorted(mb.msgs)[0]
+    xf, mf = mb.xitems[xid].folder, mb.msgs[mid].folder
+
+    async def go():
+        client = sdk(sim)
+        mbx = await mailbox_id(client, uid)
+        folders = client.admin.exchange.mailboxes.by_mailbox_id(mbx).folders
+        _, _, link, _ = await item_delta(client, mbx, xf)
+        for iid, fid in ((xid, xf), (mid, mf)):
+            b = folders.by_mailbox_folder_id(fid).items.by_mailbox_item_id(iid)
+            for q in ("", "?disposalType=moveToDeletedItems"):
+                with pytest.raises(APIError) as e:
+                    await b.with_url(_item_url(sim, mbx, fid, iid) + q).delete()
+                assert e.value.response_status_code == 400
+            await b.with_url(_item_url(sim, mbx, fid, iid) + "?disposalType=softDelete").delete()
+        _, removed, _, _ = await item_delta(client, mbx, xf, link)
+        return removed
+
+    assert xid in asyncio.run(go())
+    assert xid not in mb.xitems and mid not in mb.msgs
+    items = sim.truth(upn, fidelity=True)["mailboxes"][upn]["fidelity"]["items"]
+    assert not any(i["id"] in (xid, mid) for i in items)
+    assert sim.stats()["deleted_items"][upn] == 2
+
+    ro = sim_factory(users=1, messages_per_mailbox=4, other_items=4, seed=5,
+                     roles=["Mail.Read", "MailboxItem.ImportExport.All"])
+    upn, uid = first_user(ro)
+    mb = ro.model.mailbox(uid)
+    xid = sorted(mb.xitems)[0]
+
+    async def refused():
+        client = sdk(ro)
+        mbx = await mailbox_id(client, uid)
+        b = client.admin.exchange.mailboxes.by_mailbox_id(mbx).folders.by_mailbox_folder_id(
+            mb.xitems[xid].folder).items.by_mailbox_item_id(xid)
+        with pytest.raises(APIError) as e:
+            await b.with_url(_item_url(ro, mbx, mb.xitems[xid].folder, xid) + "?disposalType=softDelete").delete()
+        return e.value
+
+    e = asyncio.run(refused())
+    assert e.response_status_code == 403 and "MailboxItem.ReadWrite.All" in e.error.message
+    assert xid in mb.xitems

@@ -42,6 +42,7 @@ from mailpipe.graph.errors import (
     ForbiddenError,
     GraphError,
     NoMailboxError,
+    NotFoundError,
     ProtocolError,
     ResyncRequired,
     TransientError,
@@ -52,6 +53,7 @@ from mailpipe.graph.http import GraphOrigin, GuardedTransport, client_timeout
 MAX_EXPORT_IDS = 20                      # Graph: "You can export up to 20 items in a single export request."
 EXPORT_PERMISSIONS = ("MailboxItem.Export.All", "MailboxItem.ImportExport.All")  # either one exports
 IMPORT_PERMISSION = "MailboxItem.ImportExport.All"
+DELETE_PERMISSION = "MailboxItem.ReadWrite.All"   # DELETE folders/{id}/items/{id} (collisions: replace)
 CONTENT_MODES = ("mime", "fidelity", "both")
 # per-item errors of exportItems that a later attempt may not get (anything else is tried again)
 PERMANENT_ITEM_ERRORS = {"errorcorruptdata", "erroraccessdenied", "errorinvalidid", "errorinvalididmalformed",
@@ -366,6 +368,26 @@ class MailboxExport:
         b = self._mailbox(mid).folders.by_mailbox_folder_id(folder_id).items.by_mailbox_item_id(item_id)
         return await self._call("mailbox_item", lambda: self.t.get_json(b, self._config(), what), what)
 
+    async def delete_item(self, folder_id: str, item_id: str, *, disposal: str = "softDelete") -> bool:
+        """``DELETE folders/{id}/items/{id}?disposalType=softDelete`` (recoverable: Exchange's soft-delete
+        semantics; ``hardDelete`` only when asked). False when the item is already gone (404, also after a
+        retry of a DELETE whose answer was lost). Needs ``MailboxItem.ReadWrite.All``. msgraph-sdk's builder has
+        no ``disposalType`` (a required parameter): the request goes through the same adapter by URL."""
+        from urllib.parse import quote
+
+        if disposal not in ("softDelete", "hardDelete"):
+            raise ValueError(f"disposal must be softDelete or hardDelete (got {disposal!r})")
+        mid = await self.mailbox_id()
+        url = (f"{self.t.graph_url}/admin/exchange/mailboxes/{quote(mid, safe=':@')}/folders/"
+               f"{quote(folder_id, safe='')}/items/{quote(item_id, safe='')}?disposalType={disposal}")
+        what = f"mailbox {self.mb.upn} delete item {item_id}"
+        try:
+            await self._call("mailbox_item_delete", lambda: self.t.request(
+                self._root.request_adapter, "DELETE", url, what), what, need=DELETE_PERMISSION)
+        except NotFoundError:
+            return False
+        return True
+
     async def export_items(self, item_ids: list[str]) -> list[ExportResult]:
         """``POST exportItems`` for at most 20 ids: one :class:`ExportResult` per id asked, in that order.
         A per-item error (or an id the answer leaves out, or data that is not base64) is that item's result,
@@ -490,7 +512,7 @@ class MailboxExport:
 
 
 __all__ = [
-    "CONTENT_MODES", "EXPORT_PERMISSIONS", "IMPORT_PERMISSION", "MAX_EXPORT_IDS", "ExportFolder", "ExportItemInfo",
+    "CONTENT_MODES", "DELETE_PERMISSION", "EXPORT_PERMISSIONS", "IMPORT_PERMISSION", "MAX_EXPORT_IDS", "ExportFolder", "ExportItemInfo",
     "ExportResult", "ImportSession", "ItemDeltaPage", "MailboxExport", "check_permissions", "missing_permissions",
     "roles_from_token",
 ]

@@ -329,6 +329,14 @@ class Repository:
         except ValueError:
             raise IntegrityError(f"{key}: not JSON") from None
 
+    def _json_dict(self, key: str) -> dict[str, Any] | None:
+        """A JSON object's document, or None when it is missing, damaged or not an object."""
+        try:
+            doc = self.read_json(key)
+        except (KeyNotFound, IntegrityError):
+            return None
+        return doc if isinstance(doc, dict) else None
+
     def _put_local_file(self, key: str, path: str) -> None:
         if self.cipher is None:
             self.store.put_file(key, path)
@@ -526,13 +534,7 @@ class Repository:
         """The prune plans waiting for their second pass (``prune/<id>.json``)."""
         plans = []
         for key in self.store.list("prune"):
-            if not key.endswith(".json"):
-                continue
-            try:
-                plan = self.read_json(key)
-            except (KeyNotFound, IntegrityError):
-                continue
-            if isinstance(plan, dict):
+            if key.endswith(".json") and (plan := self._json_dict(key)) is not None:
                 plans.append({**plan, "key": key})
         return plans
 
@@ -1068,11 +1070,8 @@ class Repository:
         for d, names in sorted(by_dir.items()):
             if "result.json" in names or "plan.json" not in names:
                 continue
-            try:
-                plan = self.read_json(f"{d}/plan.json")
-            except (KeyNotFound, IntegrityError):
-                continue
-            if not isinstance(plan, dict) or not plan.get("source") or not plan.get("snapshot_id"):
+            plan = self._json_dict(f"{d}/plan.json")
+            if plan is None or not plan.get("source") or not plan.get("snapshot_id"):
                 continue
             if user_id is not None and mailbox_dir(str(plan["source"])) != mailbox_dir(user_id):
                 continue
@@ -1135,6 +1134,29 @@ class Repository:
         self.write_restore_progress(user_id, restore_id, rows)
         self.store.delete_many(keys)
         return len(keys)
+
+    def read_restore_baseline(self, user_id: str, restore_id: str) -> dict[str, list[str]] | None:
+        """What the target folders held before a fidelity restore under ``collisions: copy`` imported anything
+        (folder id → item ids), or None when it has not been written."""
+        try:
+            d = self.read_json(f"{self._restore_prefix(user_id, restore_id)}/baseline.json")
+        except KeyNotFound:
+            return None
+        return d if isinstance(d, dict) else None
+
+    def write_restore_baseline(self, user_id: str, restore_id: str, baseline: dict[str, list[str]]) -> None:
+        self.write_json(f"{self._restore_prefix(user_id, restore_id)}/baseline.json", baseline, indent=None)
+
+    def restores_into(self, user_id: str) -> list[tuple[str, dict[str, Any]]]:
+        """(restore id, plan) of every restore recorded into this mailbox, finished or not (a damaged or missing
+        plan is left out)."""
+        prefix = f"mailboxes/{mailbox_dir(user_id)}/restores"
+        out = []
+        for key in sorted(self.store.list(prefix)):
+            rest = key[len(prefix) + 1:].split("/")
+            if len(rest) == 2 and rest[1] == "plan.json" and (plan := self._json_dict(key)) is not None:
+                out.append((rest[0], plan))
+        return out
 
     def write_restore_result(self, user_id: str, restore_id: str, result: dict[str, Any]) -> None:
         self.write_json(f"{self._restore_prefix(user_id, restore_id)}/result.json", result)

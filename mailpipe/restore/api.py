@@ -68,9 +68,11 @@ class RestoreResult:
     bytes_selected: int = 0
     restored: int = 0                      # created in this run
     resumed: int = 0                       # created by an earlier, interrupted run of the same restore
-    completed: int = 0                     # found half-made (an earlier run died mid-item) and completed here
+    completed: int = 0                     # found half-made or made but not recorded (an earlier run died
+                                           # mid-item) and completed here
     skipped_present: int = 0               # already in the target folder (collisions: skip)
-    replaced: int = 0                      # created anew, the colliding item deleted (collisions: replace)
+    replaced: int = 0                      # collisions: replace — MIME: created anew, the colliding item deleted;
+                                           # fidelity: a changed copy updated in place with the stored stream
     failed_count: int = 0                  # items that could not be restored (a new run tries them again)
     failed: list[dict[str, Any]] = field(default_factory=list)   # the first 1,000: [{item_id, folder_path, reason}]
     warnings: list[str] = field(default_factory=list)             # e.g. a restore continued from an earlier run

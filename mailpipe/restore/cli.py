@@ -44,8 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     where.add_argument("--into", metavar="NAME", help="the folder to recreate the tree in (default: 'Restored <time>')")
     where.add_argument("--in-place", action="store_true", help="into the original folders (missing ones created)")
     p.add_argument("--collisions", choices=("skip", "copy", "replace"), default="skip",
-                   help="an item already in the target folder (same internetMessageId): skip it (default), "
-                   "restore a copy, or replace it (the new item is created, then the old one deleted)")
+                   help="an item already in the target folder (MIME: the same internetMessageId; fidelity: the same "
+                   "stream, or the same item changed since): skip it (default), restore a copy, or replace it "
+                   "(MIME: the new item is created, then the old one deleted; fidelity: one copy kept or updated "
+                   "as backed up, the other copies restores made deleted)")
     p.add_argument("--dry-run", action="store_true", help="print what would be restored; write nothing")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress")

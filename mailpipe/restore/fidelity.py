@@ -6,12 +6,23 @@
 item comes back as the original — type, properties, received (not a draft) — in a folder of its class. The
 plan, the restore id, the lease, the progress records and the result are the engine's own.
 
-Idempotence: a stream cannot carry a tag, so what a restore already made is recognised by content: the target
-folders' items of the same size are exported and their streams' sha256 compared with the source's (the
-collision check, and how an import whose answer was lost is settled). Under ``collisions: skip`` (the default)
-a restore started again creates nothing twice; under ``copy`` an item imported in the seconds before a crash
-(before its progress was recorded) may be imported again. ``replace`` is not offered (the export API's item
-DELETE is not used yet).
+A stream cannot carry a tag, so "the same item" in a target folder is found by what the repository and the
+export API can tell:
+
+- **the same stream**: an item whose export has the same size and sha256 (an exact copy);
+- **the same item, changed since**: the source item itself (restoring into its own mailbox), or an item that a
+  restore of this source item recorded as made (any restore into this mailbox: its progress records).
+
+``skip`` (the default) leaves the item alone when either is there; ``replace`` keeps one of them as backed up —
+an exact copy as it is, else a changed one updated in place with the stored stream (the import's update mode:
+same id, nothing deleted) — and soft-deletes the other copies restores made of it; ``copy`` imports anyway.
+
+Idempotence: a restore started again finds what its earlier runs recorded, and what they imported without
+recording (a crash between an import and its progress record): under ``skip`` and ``replace`` such an item is
+an exact copy, found as above; under ``copy`` the target folders' contents before the restore's first import are
+kept in the repository (``baseline.json``), and an exact copy that is neither in it nor recorded is the earlier
+run's. An import whose answer is lost (a timeout, a reset, a 5xx) is looked for among the folder's items that
+are new since the import was sent, before it is tried again.
 """
 
 from __future__ import annotations
@@ -29,6 +40,28 @@ from mailpipe.restore.engine import WELL_KNOWN, RestoreJob, _selected
 log = logging.getLogger("mailpipe.restore")
 
 SESSION_MARGIN_SECONDS = 120.0   # an import session this close to its expiry is replaced before use
+
+
+class _Folder:
+    """A target folder's items as its item delta listed them: id → (size, change key), and ids by size."""
+
+    __slots__ = ("items", "by_size")
+
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[int | None, str | None]] = {}
+        self.by_size: dict[int | None, set[str]] = {}
+
+    def add(self, item_id: str, size: int | None, change_key: str | None) -> None:
+        old = self.items.get(item_id)
+        if old is not None:
+            self.by_size.get(old[0], set()).discard(item_id)
+        self.items[item_id] = (size, change_key)
+        self.by_size.setdefault(size, set()).add(item_id)
+
+    def discard(self, item_id: str) -> None:
+        old = self.items.pop(item_id, None)
+        if old is not None:
+            self.by_size.get(old[0], set()).discard(item_id)
 
 
 def has_fidelity(snap: Any) -> bool:
@@ -62,8 +95,6 @@ class FidelityRestoreJob(RestoreJob):
         from mailpipe.graph.export import MailboxExport, check_permissions
 
         req, r = self.req, self.r
-        if req.collisions == "replace":
-            raise UserError("collisions: replace is not offered for fidelity restores (skip or copy)")
         async with GraphTenant.from_config(self.tenant.for_restore(), self.s, **graph_options) as graph:
             target = await graph.resolve_mailbox(r.target)
             self.target_uid = target.id
@@ -82,9 +113,14 @@ class FidelityRestoreJob(RestoreJob):
             try:
                 done = await self._resume_or_pin(target.id, rid, content="fidelity")
                 folder_ids = await self._fidelity_folders(ex)
-                self._sizes: dict[str, dict[int | None, set[str]]] = {}  # target folder → size → item ids
-                self._sha: dict[str, str] = {}                             # target item → its stream's sha256
-                self._locks: dict[str, asyncio.Lock] = {}
+                self._index: dict[str, _Folder] = {}
+                self._sha: dict[str, tuple[str | None, str]] = {}  # target item → (its change key, its stream's sha256)
+                self._locks: dict[str, asyncio.Lock] = {}          # a folder's listing
+                self._claim_locks: dict[str, asyncio.Lock] = {}    # a folder's decisions (what to do, claimed)
+                await self._io(lambda: self._read_links(rid))
+                self._orphans: dict[str, set[str]] = {}            # copy: imported by an earlier run, not recorded
+                if req.collisions == "copy":
+                    await self._baseline(rid, set(folder_ids.values()))
                 self._session: Any = None
                 self._session_life = SESSION_MARGIN_SECONDS * 4
                 self._session_lock = asyncio.Lock()
@@ -136,30 +172,201 @@ class FidelityRestoreJob(RestoreJob):
             ids[t] = await ensure(parent, t, cls.get(p) or "IPF.Note")
         return ids
 
-    async def _present_in(self, folder_id: str, size: int, sha256: str, *, fresh: bool = False) -> str | None:
-        """The id of an item of ``folder_id`` whose stream is this one (same size, then same sha256 of its
-        export), or None. The folder's sizes come from one item delta (again with ``fresh``: after an import
-        whose answer was lost); only items of the same size are exported to be compared, each once."""
-        ex = self._ex
+    # -- what the target folders hold ------------------------------------------------------------------------
+    def _read_links(self, rid: str) -> None:
+        """Source item → the target items restores of it recorded (every restore of this source into this
+        mailbox), and the target items this restore recorded (``_claimed``: never another source item's)."""
+        self._links: dict[str, set[str]] = {}
+        self._claimed: set[str] = set()
+        for other, plan in self.repo.restores_into(self.target_uid):
+            if plan.get("source") != self.source_uid:
+                continue
+            for row in self.repo.iter_restore_progress(self.target_uid, other):
+                made = row.get("created")
+                if isinstance(made, str) and made and isinstance(row.get("source"), str):
+                    self._links.setdefault(row["source"], set()).add(made)
+                    if other == rid:
+                        self._claimed.add(made)
+
+    async def _baseline(self, rid: str, folders: set[str]) -> None:
+        """``copy``: the target folders' items before this restore's first import, kept in the repository (written
+        before any import: a run that finds none has imported nothing). Started again, the items that are neither
+        in it nor recorded by this restore were imported by an earlier run that died before recording them."""
+        base = await self._io(lambda: self.repo.read_restore_baseline(self.target_uid, rid))
+        now = {fid: await self._folder(fid) for fid in sorted(folders)}
+        if base is None:
+            await self._io(lambda: self.repo.write_restore_baseline(
+                self.target_uid, rid, {fid: sorted(f.items) for fid, f in now.items()}))
+            return
+        for fid, f in now.items():
+            orphans = set(f.items) - set(base.get(fid, ())) - self._claimed
+            if orphans:
+                self._orphans[fid] = orphans
+
+    async def _folder(self, folder_id: str, *, fresh: bool = False) -> _Folder:
+        """The items of a target folder (ids, sizes, change keys) from one item delta, listed once (again with
+        ``fresh``) and kept up to date with what this restore makes."""
         lock = self._locks.setdefault(folder_id, asyncio.Lock())
         async with lock:
-            sizes = self._sizes.get(folder_id)
-            if sizes is None or fresh:
-                sizes = {}
-                async for page in ex.item_delta(folder_id, None, page_size=1000):
+            f = self._index.get(folder_id)
+            if f is None or fresh:
+                f = _Folder()
+                async for page in self._ex.item_delta(folder_id, None, page_size=1000):
                     for i in page.upserts:
-                        sizes.setdefault(i.size, set()).add(i.id)
-                self._sizes[folder_id] = sizes
-            todo = [i for i in sizes.get(size, ()) if i not in self._sha]
-            for k in range(0, len(todo), 20):
-                for res in await ex.export_items(todo[k:k + 20]):
-                    if res.ok:
-                        self._sha[res.item_id] = hashlib.sha256(res.data).hexdigest()
-            return next((i for i in sorted(sizes.get(size, ())) if self._sha.get(i) == sha256), None)
+                        f.add(i.id, i.size, i.change_key)
+                self._index[folder_id] = f
+            return f
 
-    def _created(self, folder_id: str, size: int, sha256: str, item_id: str) -> None:
-        self._sizes.setdefault(folder_id, {}).setdefault(size, set()).add(item_id)
-        self._sha[item_id] = sha256
+    async def _same_stream(self, folder_id: str, size: int, sha256: str, among: set[str] | None = None) -> list[str]:
+        """The items of ``folder_id`` (or of ``among`` in it) whose stream is this one: same size, then the same
+        sha256 of their export (each exported once per change key)."""
+        f = await self._folder(folder_id)
+        ids = f.by_size.get(size, set()) if among is None else among & f.by_size.get(size, set())
+        todo = [i for i in sorted(ids) if i not in self._sha or self._sha[i][0] != f.items[i][1]]
+        for k in range(0, len(todo), 20):
+            for res in await self._ex.export_items(todo[k:k + 20]):
+                if res.ok:
+                    self._sha[res.item_id] = (f.items.get(res.item_id, (None, None))[1],
+                                              hashlib.sha256(res.data).hexdigest())
+        return sorted(i for i in ids if i in f.items and self._sha.get(i, (None, ""))[1] == sha256)
+
+    async def _linked(self, folder_id: str, item: str) -> list[str]:
+        """The items of ``folder_id`` that are this source item: itself (restoring into its own mailbox), or
+        what a restore of it recorded as made."""
+        f = await self._folder(folder_id)
+        known = set(self._links.get(item, ()))
+        if self.target_uid == self.source_uid:
+            known.add(item)
+        return sorted(i for i in known if i in f.items)
+
+    def _made(self, folder_id: str, item_id: str, size: int, change_key: str | None, sha256: str) -> None:
+        self._index.setdefault(folder_id, _Folder()).add(item_id, size, change_key)
+        self._sha[item_id] = (change_key, sha256)
+        self._claimed.add(item_id)
+
+    # -- one item -------------------------------------------------------------------------------------------------
+    async def _one(self, ex: Any, row: dict[str, Any], folder_ids: dict[tuple[str, ...], str],
+                   existing: dict[str, Any], done: set[str], rid: str) -> None:
+        item = row["item_id"]
+        if item in done:
+            self.r.resumed += 1
+            return
+        folder = folder_ids[self.target_of[tuple(row["folder_path"] or ())]]
+        size, sha = int(row["size"]), row["sha256"]
+        policy = self.req.collisions
+        keep: str | None = None
+        extra: list[str] = []
+        async with self._claim_locks.setdefault(folder, asyncio.Lock()):  # what to do, decided and claimed at once (two source items never take one target)
+            if policy == "copy":
+                mine = await self._same_stream(folder, size, sha, self._orphans.get(folder, set()))
+                if mine:  # imported by an earlier run that died before recording it
+                    self._orphans[folder].discard(mine[0])
+                    self._claimed.add(mine[0])
+                    self.r.completed += 1
+                    self._record(item, mine[0], folder, "created")
+                    return
+            else:
+                same = await self._same_stream(folder, size, sha)
+                linked = await self._linked(folder, item)
+                if policy == "skip":
+                    if same or linked:
+                        self.r.skipped_present += 1
+                        self._record(item, (same or linked)[0], folder, "present")
+                        return
+                else:  # replace: one of them kept as backed up, the other copies restores made of it go
+                    same = [i for i in same if i not in self._claimed]
+                    linked = [i for i in linked if i not in self._claimed]
+                    keep = next((i for i in same if i in linked), None) or (same or linked or [None])[0]
+                    extra = [i for i in linked if i != keep]
+                    if keep is not None:
+                        self._claimed.add(keep)
+                        if keep in same:
+                            await self._delete(folder, extra)
+                            self.r.skipped_present += 1
+                            self._record(item, keep, folder, "present")
+                            return
+        data = await self._io(lambda: self.repo.read_content(row["sha256"], row["chunks"], row["size"], item=item))
+        if keep is not None:
+            await self._update(ex, folder, keep, data, size, sha)
+            await self._delete(folder, extra)
+            self.r.replaced += 1
+            status, made = "replaced", keep
+        else:
+            made = await self._create(ex, folder, data, size, sha)
+            status = "created"
+        self.r.restored += 1
+        self.r.bytes_uploaded += len(data)
+        self._record(item, made, folder, status)
+
+    async def _create(self, ex: Any, folder: str, data: bytes, size: int, sha: str) -> str:
+        """Import ``data`` as a new item of ``folder``; an import whose answer was lost is looked for among the
+        folder's items that are new since it was sent (twice, a moment apart) before it is sent again."""
+        from mailpipe.graph.errors import TransientError
+
+        before = set((await self._folder(folder)).items)
+        for attempt in range(2):
+            try:
+                new_id, ck = await self._import(ex, folder, data)
+                self._made(folder, new_id, size, ck, sha)
+                return new_id
+            except TransientError:
+                for _ in range(2):
+                    await asyncio.sleep(self.s.item_retry_delay)
+                    f = await self._folder(folder, fresh=True)
+                    found = await self._same_stream(folder, size, sha, set(f.items) - before - self._claimed)
+                    if found:
+                        self._made(folder, found[0], size, f.items[found[0]][1], sha)
+                        return found[0]
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _update(self, ex: Any, folder: str, item_id: str, data: bytes, size: int, sha: str) -> None:
+        """Import ``data`` over ``item_id`` (update mode, its current change key): the item becomes the stored one,
+        keeping its id. A stale change key (the item changed meanwhile) or a lost answer: the folder is listed again
+        and the update sent again unless the item already is the stored one."""
+        from mailpipe.graph.errors import GraphError, TransientError
+
+        for attempt in range(3):
+            f = await self._folder(folder, fresh=attempt > 0)
+            if item_id not in f.items:
+                raise GraphError(f"item {item_id} left the target folder while it was being replaced",
+                                 status=404, code="ErrorItemNotFound")
+            if attempt and await self._same_stream(folder, size, sha, {item_id}):
+                break
+            try:
+                _, ck = await self._import(ex, folder, data, mode="update", item_id=item_id,
+                                           change_key=f.items[item_id][1])
+                self._made(folder, item_id, size, ck, sha)
+                return
+            except GraphError as e:
+                if attempt == 2 or not (isinstance(e, TransientError) or e.code == "ErrorIrresolvableConflict"):
+                    raise
+        f = self._index[folder]
+        self._made(folder, item_id, size, f.items[item_id][1], sha)
+
+    async def _import(self, ex: Any, folder: str, data: bytes, **kw: Any) -> tuple[str, str | None]:
+        """One POST to the import URL; a new session once when the URL's own token is refused (401)."""
+        from mailpipe.graph.errors import ForbiddenError
+
+        for attempt in range(2):
+            session = await self._import_session()
+            try:
+                return await ex.import_item(session, folder, data, **kw)
+            except ForbiddenError as e:  # the import URL's own token expired (401): a new session, once
+                if attempt or e.status != 401:
+                    raise
+                await self._import_session(renew=True)
+        raise AssertionError("unreachable")
+
+    async def _delete(self, folder: str, ids: list[str]) -> None:
+        """``replace``: the other copies restores made of an item, soft-deleted (recoverable) once the one kept
+        is as backed up."""
+        for i in ids:
+            await self._ex.delete_item(folder, i)
+            f = self._index.get(folder)
+            if f is not None:
+                f.discard(i)
 
     async def _import_session(self, renew: bool = False) -> Any:
         """The import session to use: a new one when there is none, when asked (its URL's token was refused),
@@ -174,50 +381,6 @@ class FidelityRestoreJob(RestoreJob):
                 exp = self._session.expires_at
                 self._session_life = (exp - now).total_seconds() if exp else SESSION_MARGIN_SECONDS * 4
             return self._session
-
-    async def _one(self, ex: Any, row: dict[str, Any], folder_ids: dict[tuple[str, ...], str],
-                   existing: dict[str, Any], done: set[str], rid: str) -> None:
-        from mailpipe.graph.errors import ForbiddenError, TransientError
-
-        item = row["item_id"]
-        if item in done:
-            self.r.resumed += 1
-            return
-        folder = folder_ids[self.target_of[tuple(row["folder_path"] or ())]]
-        size, sha = int(row["size"]), row["sha256"]
-        if self.req.collisions == "skip":
-            same = await self._present_in(folder, size, sha)
-            if same is not None:
-                self.r.skipped_present += 1
-                self._record(item, same, folder, "present")
-                return
-        data = await self._io(lambda: self.repo.read_content(row["sha256"], row["chunks"], row["size"], item=item))
-        for attempt in range(2):
-            session = await self._import_session()
-            try:
-                new_id, _ = await ex.import_item(session, folder, data)
-                break
-            except ForbiddenError as e:  # the import URL's own token expired (401): a new session, once
-                if attempt or e.status != 401:
-                    raise
-                await self._import_session(renew=True)
-            except TransientError:
-                # it may have been applied: look for it by content (twice, a moment apart) before trying again
-                for _ in range(2):
-                    await asyncio.sleep(self.s.item_retry_delay)
-                    found = await self._present_in(folder, size, sha, fresh=True)
-                    if found is not None:
-                        new_id = found
-                        break
-                else:
-                    if attempt:
-                        raise
-                    continue
-                break
-        self._created(folder, size, sha, new_id)
-        self.r.restored += 1
-        self.r.bytes_uploaded += len(data)
-        self._record(item, new_id, folder, "created")
 
     def _report(self, writer: Any) -> None:
         if self.progress is None or time.monotonic() - self._progress_at < 5.0 and self._done_items < self.total:

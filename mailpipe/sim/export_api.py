@@ -2,7 +2,7 @@
 
 ``GET /v1.0/users/{u}/settings/exchange`` → ``primaryMailboxId``; under
 ``/v1.0/admin/exchange/mailboxes/{mailbox id}``: ``folders`` (+ ``/{id}``, ``/{id}/childFolders``, ``/delta``),
-``folders/{id}/items/delta`` and ``folders/{id}/items/{item id}``, ``POST exportItems`` (≤ 20 ids, per-item
+``folders/{id}/items/delta`` and ``folders/{id}/items/{item id}`` (GET; DELETE with ``disposalType``), ``POST exportItems`` (≤ 20 ids, per-item
 errors inside a 200) and ``POST createImportSession`` → an ``importUrl`` on the upload origin with its own
 token, to which exported data is POSTed (``{FolderId, Mode, Data, ItemId?, ChangeKey?}``).
 
@@ -36,6 +36,8 @@ MAX_IMPORT_BYTES = 150 * 1024 * 1024  # Exchange's largest message; no limit of 
 EXPORT_ROLES = ("MailboxItem.Export.All", "MailboxItem.ImportExport.All")
 IMPORT_ROLES = ("MailboxItem.ImportExport.All",)
 FOLDER_WRITE_ROLES = ("MailboxFolder.ReadWrite.All",)
+ITEM_WRITE_ROLES = ("MailboxItem.ReadWrite.All",)  # DELETE of an item (its v1.0 page's application permission)
+DISPOSAL_TYPES = ("softDelete", "hardDelete")
 # per-item errors of exportItems (``fail_exports``): status -> (code, message)
 _EXPORT_ERRORS = {
     404: ("ErrorItemNotFound", "The specified object was not found in the store."),
@@ -80,6 +82,8 @@ def kind(low: list[str], method: str) -> str:
         if method == "POST" and (len(rest) == 1 or rest[2:] == ["childfolders"]):
             return "mailbox_create_folder"
         if len(rest) >= 3 and rest[2] == "items":
+            if method == "DELETE":
+                return "mailbox_item_delete"
             return "mailbox_item_delta" if rest[3:] == ["delta"] else "mailbox_item"
         return "mailbox_folders"
     return "other"
@@ -105,8 +109,8 @@ async def route(srv: SimServer, request: web.Request, segs: list[str], low: list
     user = mb.user
     k = kind(low, request.method)
     srv.requests[user.id][k] += 1
-    problem = _roles_problem(srv, {"import_session": IMPORT_ROLES, "mailbox_create_folder": FOLDER_WRITE_ROLES}.get(
-        k, EXPORT_ROLES))
+    problem = _roles_problem(srv, {"import_session": IMPORT_ROLES, "mailbox_create_folder": FOLDER_WRITE_ROLES,
+                                   "mailbox_item_delete": ITEM_WRITE_ROLES}.get(k, EXPORT_ROLES))
     if problem is not None:
         return problem
     return await srv._limited(user, lambda: _route(srv, request, mb, segs[4:], low[4:]))
@@ -122,6 +126,8 @@ async def _route(srv: SimServer, request: web.Request, mb: Mailbox, segs: list[s
             return await create_folder(srv, request, mb, mb.root_id)
         if request.method == "POST" and len(low) == 3 and low[0] == "folders" and low[2] == "childfolders":
             return await create_folder(srv, request, mb, fidelity.any_folder(mb, segs[1])[0].id)
+        if request.method == "DELETE" and len(low) == 4 and low[0] == "folders" and low[2] == "items":
+            return await delete_item(srv, request, mb, segs[1], segs[3])
         if request.method == "GET" and low[:1] == ["folders"]:
             if len(low) == 1:
                 return folder_list(srv, request, mb, mb.root_id)
@@ -144,6 +150,24 @@ async def _route(srv: SimServer, request: web.Request, mb: Mailbox, segs: list[s
     except NotFound as e:
         return _err(404, "ErrorItemNotFound", f"The specified object was not found in the store. ({e})")
     return _err(400, "BadRequest", f"The simulator does not support {request.method} on this resource.")
+
+
+async def delete_item(srv: SimServer, request: web.Request, mb: Mailbox, folder: str, item_id: str) -> web.Response:
+    """``DELETE folders/{id}/items/{id}?disposalType=softDelete|hardDelete`` → 204. The simulator has no
+    recoverable-items folder: either way the item leaves the mailbox (a removal in its folder's delta)."""
+    disposal = request.query.get("disposalType")
+    if disposal not in DISPOSAL_TYPES:
+        return _err(400, "ErrorInvalidRequest", f"The query parameter 'disposalType' is required and must be one of "
+                    f"{', '.join(DISPOSAL_TYPES)} (got {disposal!r}).")
+    with mb.lock:
+        f, _ = fidelity.any_folder(mb, folder)
+        it = fidelity.find_item(mb, item_id)
+        if it is None or it.folder != f.id:
+            raise NotFound(item_id)
+        op = {"op": "delete", "ids": [it.id]} if it.id in mb.msgs else {"op": "delete_item", "ids": [it.id]}
+    await srv._apply(mb, [op])
+    srv.deleted_items[mb.user.id] += 1
+    return web.Response(status=204)
 
 
 def _base(srv: SimServer, mb: Mailbox) -> str:
@@ -406,6 +430,11 @@ async def _import(srv: SimServer, request: web.Request, mb: Mailbox) -> web.Resp
         op["id"] = item_id
     iid = (await srv._apply(mb, [op], big=len(data_b64) > 1024 * 1024))[0]
     srv.imported_items[mb.user.id] += 1
+    if srv.faults.p_lost_import and srv.rng.random() < srv.faults.p_lost_import:
+        from mailpipe.sim.server import _Reset
+
+        srv.injected[mb.user.id]["lost_import"] += 1
+        raise _Reset()  # made, but the client never hears of it
     with mb.lock:
         ck = fidelity.item_change_key(mb, fidelity.find_item(mb, iid))
     return web.json_response({"@odata.context": f"{srv.upload_base_url}/api/v1.0/$metadata#microsoft.graph."

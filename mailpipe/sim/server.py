@@ -94,6 +94,8 @@ class FaultConfig:
     # the export API (exportItems): per-item errors inside a 200 answer
     fail_exports: dict[str, int] = field(default_factory=dict)   # item id -> status (404, 500, 503, 403), forever
     p_export_item_error: float = 0.0  # a transient per-item error (ErrorInternalServerTransientError)
+    # the import URL: an item imported, then the connection dropped before the answer (the client cannot know)
+    p_lost_import: float = 0.0
 
     def __post_init__(self) -> None:
         bad = {k: v for k, v in self.bad_values.items() if v not in _BAD_BODIES}
@@ -238,6 +240,7 @@ class SimServer:
         self.export_downloads: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.export_bytes: dict[str, int] = defaultdict(int)
         self.imported_items: dict[str, int] = defaultdict(int)
+        self.deleted_items: dict[str, int] = defaultdict(int)    # DELETEs of the export API's items
         self.import_session_count: dict[str, int] = defaultdict(int)
         self.import_expired: dict[str, int] = defaultdict(int)  # POSTs with an expired import token (401)
         for c in getattr(self, "counters", {}).values():
@@ -256,7 +259,7 @@ class SimServer:
             **{name: {upn.get(k, k): v for k, v in getattr(self, name).items()}
                for name in ("uploaded_bytes", "created_messages", "created_folders", "attachments_added",
                             "updated_messages", "deleted_messages", "upload_puts", "upload_with_bearer",
-                            "upload_throttled", "export_bytes", "imported_items")},
+                            "upload_throttled", "export_bytes", "imported_items", "deleted_items")},
             "export_downloads": {upn.get(k, k): dict(v) for k, v in self.export_downloads.items()},
             "import_sessions": {upn.get(k, k): v for k, v in self.import_session_count.items()},
             "import_expired": {upn.get(k, k): v for k, v in self.import_expired.items()},
