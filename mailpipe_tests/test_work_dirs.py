@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from mailpipe.backup.engine import sweep_work_dirs
+from mailpipe.backup.runner import sweep_work_dirs
 
 
 def test_sweep_skips_a_work_dir_removed_by_its_own_backup_meanwhile(tmp_path, monkeypatch):

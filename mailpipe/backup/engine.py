@@ -20,7 +20,7 @@ One mailbox backup (:class:`MailboxBackup`):
    snapshot and commit it (renewing the lease right before); the delta links advance only there.
 
 Everything is bounded in time: a deadline per mailbox, per request (docs/GRAPH.md), and paging budgets.
-Many mailboxes run concurrently (:func:`backup_many`), each with its own limiter: a throttled mailbox
+Many mailboxes run concurrently (:func:`mailpipe.backup.runner.backup_many`), each with its own limiter: a throttled mailbox
 never holds up the others. A mailbox that fails does so alone; its checkpoints remain.
 """
 
@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
-from mailpipe.backup.api import Discovery, MailboxRef, MailboxResult, ProgressCallback, SkippedUser
+from mailpipe.backup.api import MailboxResult, ProgressCallback
 from mailpipe.backup.state import BackupState, Content
 from mailpipe.config import TenantConfig
 from mailpipe.errors import UserError
@@ -58,94 +58,6 @@ STORE_BATCH_ITEMS = 64       # downloaded items handed to the store pool at once
 STORE_PENDING_BYTES = 8 << 20  # downloads wait while this much downloaded content waits for the store
 # (or a whole batch of items does: what a SIGKILL loses beyond the journal stays bounded in items too)
 STORE_LINGER = 0.05          # seconds a batch may wait to fill up (a batch of 1–2 items saves little)
-
-
-async def discover(tenant: TenantConfig, settings: Settings | None = None) -> Discovery:
-    from mailpipe.graph import GraphTenant
-
-    async with GraphTenant.from_config(tenant, settings) as graph:
-        listing = await graph.list_mailboxes()
-    mailboxes = sorted(
-        (MailboxRef(user_id=m.id, upn=m.upn.lower()) for m in listing.mailboxes
-         if tenant.mailboxes.matches(m.upn)),
-        key=lambda m: m.upn,
-    )
-    skipped = [SkippedUser(upn=s.upn.lower(), user_id=s.id, reason=s.reason) for s in listing.skipped]
-    return Discovery(mailboxes=mailboxes, skipped=skipped)
-
-
-def sweep_work_dirs(tenant_work: str, older_than: float) -> int:
-    """Remove mailbox work dirs of backups that died (nothing in them touched for ``older_than`` s)."""
-    removed = 0
-    cutoff = time.time() - older_than
-    try:
-        entries = list(os.scandir(tenant_work))
-    except FileNotFoundError:
-        return 0
-    for e in entries:
-        if not e.is_dir(follow_symlinks=False) or e.name.startswith("."):  # .index-cache: shared, kept
-            continue
-        try:
-            newest = e.stat(follow_symlinks=False).st_mtime
-        except FileNotFoundError:  # its backup ended (and removed it) since the listing: another process's
-            continue
-        for dirpath, _, files in os.walk(e.path):
-            for f in files:
-                try:
-                    newest = max(newest, os.lstat(os.path.join(dirpath, f)).st_mtime)
-                except FileNotFoundError:
-                    pass
-        if newest < cutoff:
-            shutil.rmtree(e.path, ignore_errors=True)
-            removed += 1
-    return removed
-
-
-async def backup_many(
-    tenant: TenantConfig,
-    upns: list[str],
-    *,
-    settings: Settings | None = None,
-    skip_if_committed_since: datetime | None = None,
-    progress: ProgressCallback | None = None,
-    max_parallel_mailboxes: int | None = None,
-    graph_options: dict[str, Any] | None = None,
-    s3_client: Any = None,
-    wait_for_lease: bool = False,
-) -> list[MailboxResult]:
-    from mailpipe.graph import GraphTenant
-    from mailpipe.repo import open_repository
-
-    settings = settings or Settings()
-    work = settings.tenant_work_dir(tenant.name)
-    loop = asyncio.get_running_loop()
-    pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="mailpipe-store")
-    try:
-        await loop.run_in_executor(pool, sweep_work_dirs, work, max(3600.0, 2 * settings.lease_seconds))
-        repo = await loop.run_in_executor(pool, lambda: open_repository(tenant, s3_client=s3_client, tmp_dir=work))
-        await loop.run_in_executor(pool, repo.load_damaged)
-        sem = asyncio.Semaphore(max_parallel_mailboxes or settings.max_parallel_mailboxes)
-        async with GraphTenant.from_config(tenant, settings, **(graph_options or {})) as graph:
-
-            async def one(upn: str) -> MailboxResult:
-                async with sem:
-                    job = backup_class(tenant)(tenant, graph, repo, pool, upn, settings=settings, work=work,
-                                        progress=progress, skip_if_committed_since=skip_if_committed_since,
-                                        wait_for_lease=wait_for_lease)
-                    return await job.run()
-
-            return list(await asyncio.gather(*(one(u) for u in upns)))
-    finally:
-        pool.shutdown(wait=True)
-
-
-def backup_class(tenant: TenantConfig) -> type[MailboxBackup]:
-    """The backup of one mailbox for the tenant's ``content`` mode: MIME, or the export API's streams."""
-    if tenant.content in ("fidelity", "both"):
-        from mailpipe.backup.fidelity import BothBackup, FidelityBackup
-
-        return FidelityBackup if tenant.content == "fidelity" else BothBackup
-    return MailboxBackup
 
 
 class MailboxBackup:

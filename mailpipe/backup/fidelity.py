@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from mailpipe.backup.engine import (
+    CONFIRMATIONS,
     FOLDER_SCANNERS,
     ITEM_RETRY_PASSES,
     WIND_DOWN_SECONDS,
@@ -191,7 +192,6 @@ class FidelityPart:
     limiter and checkpoints, and keeps its own queue, retries and state."""
 
     def __init__(self, job: MailboxBackup, mb: Any) -> None:
-        from mailpipe.backup.engine import CONFIRMATIONS
         from mailpipe.graph.export import MailboxExport
 
         self.job = job

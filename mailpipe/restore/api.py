@@ -1,4 +1,5 @@
-"""The restore engine's public API: what the CLI and the Dagster layer call (docs/RESTORE.md).
+"""What the restore engine's public API takes and returns (docs/RESTORE.md; the call is
+:func:`mailpipe.restore.runner.restore_mailbox`).
 
 A sibling of the backup engine, on the same Graph layer and repository, knowing nothing of Dagster. One
 call restores one mailbox's snapshot (all of it, some folders, some items) into that mailbox or another.
@@ -6,13 +7,9 @@ call restores one mailbox's snapshot (all of it, some folders, some items) into 
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any, Callable
-
-from mailpipe.config import TenantConfig
-from mailpipe.settings import Settings
 
 COLLISIONS = ("skip", "copy", "replace")
 
@@ -103,18 +100,3 @@ class RestoreResult:
 
 
 ProgressCallback = Callable[[dict[str, Any]], None]
-
-
-async def restore_mailbox(tenant: TenantConfig, request: RestoreRequest, *, settings: Settings | None = None,
-                          progress: ProgressCallback | None = None, s3_client: Any = None,
-                          graph_options: dict[str, Any] | None = None) -> RestoreResult:
-    """Restore ``request`` (see :class:`RestoreRequest`) from ``tenant``'s repository. Resumable: the same
-    request started again continues where the last one stopped, creating nothing twice."""
-    from mailpipe.restore.engine import restore
-
-    return await restore(tenant, request, settings=settings or Settings(), progress=progress, s3_client=s3_client,
-                         graph_options=graph_options)
-
-
-def run(coro):
-    return asyncio.run(coro)

@@ -35,7 +35,6 @@ from typing import Any
 from mailpipe.config import TenantConfig
 from mailpipe.errors import UserError
 from mailpipe.graph.errors import GraphError
-from mailpipe.repo.repository import IntegrityError
 from mailpipe.restore.api import FolderPlan, ProgressCallback, RestoreRequest, RestoreResult
 from mailpipe.restore.convert import MAX_JSON_BYTES, TAG_PROPERTY, Attachment, RestoreMessage, convert, fingerprint
 from mailpipe.settings import Settings
@@ -116,57 +115,6 @@ def _with_inline_attachments(rm: RestoreMessage) -> tuple[dict[str, Any], list[A
 
 def _aware(d: datetime | None) -> datetime | None:
     return d if d is None or d.tzinfo else d.replace(tzinfo=timezone.utc)
-
-
-async def restore(tenant: TenantConfig, req: RestoreRequest, *, settings: Settings,
-                  progress: ProgressCallback | None = None, s3_client: Any = None,
-                  graph_options: dict[str, Any] | None = None) -> RestoreResult:
-    from mailpipe.repo import open_repository
-
-    req = RestoreRequest(**{**req.__dict__, "since": _aware(req.since), "until": _aware(req.until),
-                            "at": _aware(req.at)})
-    t0 = time.monotonic()
-    result = RestoreResult(upn=req.upn.lower(), target=(req.to or req.upn).lower(), dry_run=req.dry_run)
-    loop = asyncio.get_running_loop()
-    pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="mailpipe-restore")
-    try:
-        work = settings.tenant_work_dir(tenant.name)
-        repo = await loop.run_in_executor(pool, lambda: open_repository(tenant, s3_client=s3_client, create=False,
-                                                                        tmp_dir=work))
-        job = (await loop.run_in_executor(pool, lambda: job_class(repo, req)))(
-            tenant, repo, pool, req, settings, result, progress, work)
-        await job.plan()
-        if progress:
-            progress({"phase": "plan", "items": result.items_selected, "bytes": result.bytes_selected,
-                      "expected_seconds": result.expected_seconds, "snapshot_id": result.snapshot_id,
-                      "target_root": result.target_root})
-        if not req.dry_run:
-            await job.run(graph_options or {})
-        result.ok = True
-    except UserError as e:  # no such backup/snapshot/folder, a repository or lease problem
-        result.error, result.error_kind = str(e), "usage"
-    except GraphError as e:  # the target mailbox, credentials, or Graph beyond its retries
-        result.error, result.error_kind = str(e), e.kind
-    except IntegrityError as e:  # the snapshot's files are damaged (`mailpipe check` says more)
-        result.error, result.error_kind = f"the repository is damaged: {e}", "storage"
-    finally:
-        pool.shutdown(wait=True)
-        result.seconds = round(time.monotonic() - t0, 3)
-    return result
-
-
-def job_class(repo: Any, req: RestoreRequest) -> type[RestoreJob]:
-    """A snapshot with full-fidelity streams (``content: fidelity``) is restored through import sessions."""
-    from mailpipe.restore.fidelity import FidelityRestoreJob, has_fidelity
-
-    uid = repo.find_mailbox(req.upn)
-    if uid is None:
-        return RestoreJob  # its plan says there is no such backup
-    try:
-        snap = choose_snapshot(repo, uid, req)
-    except UserError:
-        return RestoreJob
-    return FidelityRestoreJob if has_fidelity(snap) else RestoreJob
 
 
 class RestoreJob:
@@ -365,7 +313,6 @@ class RestoreJob:
     async def _source_well_known(self, graph: Any) -> dict[str, tuple[str, ...]]:
         """Well-known name → the path of that folder in the snapshot: asked of the source mailbox (its folder
         ids are the snapshot's), or by English display name when it is gone."""
-        from mailpipe.graph.errors import GraphError
         from mailpipe.graph.write import MailboxWriter
 
         out: dict[str, tuple[str, ...]] = {}
@@ -421,8 +368,6 @@ class RestoreJob:
                 try:
                     await self._one(writer, row, folder_ids, existing, done, rid)
                 except Exception as e:  # this item fails; the restore goes on (and a new run retries it)
-                    from mailpipe.graph.errors import GraphError
-
                     if not isinstance(e, (GraphError, UserError)):
                         log.exception("restore of item %s failed", row["item_id"])
                     self._failed(row, str(e))

@@ -34,8 +34,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from mailpipe.errors import UserError
-from mailpipe.restore.engine import WELL_KNOWN, RestoreJob, _selected
+from mailpipe.restore.engine import WELL_KNOWN, RestoreJob, _restore_id, _selected
 
 log = logging.getLogger("mailpipe.restore")
 
@@ -98,8 +97,6 @@ class FidelityRestoreJob(RestoreJob):
         async with GraphTenant.from_config(self.tenant.for_restore(), self.s, **graph_options) as graph:
             target = await graph.resolve_mailbox(r.target)
             self.target_uid = target.id
-            from mailpipe.restore.engine import _restore_id
-
             rid = _restore_id(self.tenant.name, self.source_uid, target.id, req)
             r.restore_id = rid
             mb = graph.mailbox(target.id, target.upn)
