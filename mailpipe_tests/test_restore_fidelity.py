@@ -10,6 +10,8 @@ import subprocess
 import sys
 from collections import Counter
 
+import pytest
+
 from mailpipe.repo import open_repository
 from mailpipe.restore import RestoreRequest, restore_mailbox
 from mailpipe.sim import FaultConfig, write_tenants_file
@@ -378,3 +380,91 @@ def test_an_update_whose_change_key_went_stale_is_sent_again_with_the_new_one(si
     assert raced == [x] and rep.ok and rep.failed_count == 0 and rep.replaced == 1, rep.failed
     assert sim.stats()["requests"][a]["import"] == 2 and sim.stats()["imported_items"][a] == 1  # refused, then sent
     assert Counter(_key(i) for i in fid_truth(sim, a)["items"]) == Counter(_key(i) for i in truth["items"])
+
+
+def test_replace_in_place_never_deletes_the_users_own_items(sim_factory, tmp_path):
+    """In place after a ``copy`` restore (an exact copy of every item beside it) and edits of some originals:
+    ``replace`` keeps every original — updated where it changed, as it is where it did not — and deletes only
+    the copies the restore made. (A review found the originals deleted whenever a copy was picked to keep.)"""
+    sim = sim_factory(users=1, messages_per_mailbox=12, other_items=10, seed=53)
+    a = mailbox_upns(sim)[0]
+    t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
+    ra, = backup(t, [a])
+    truth = fid_truth(sim, a)
+    originals = {i["id"] for i in truth["items"]}
+    assert restore(t, upn=a, in_place=True, collisions="copy").restored == len(originals)
+    mb = sim.model.mailbox(a)
+    edited = sorted(i for i in originals if i in mb.xitems)[:3] + sorted(i for i in originals if i in mb.msgs)[:2]
+    sim.mutate(a, [{"op": "edit_item", "ids": edited[:3]}, {"op": "categorize", "ids": edited[3:]}])
+    rep = restore(t, upn=a, in_place=True, collisions="replace")
+    assert rep.ok and rep.failed_count == 0, rep.failed[:3]
+    after = fid_truth(sim, a)
+    assert originals <= {i["id"] for i in after["items"]}  # not one of the user's items deleted
+    assert Counter(_key(i) for i in after["items"]) == Counter(_key(i) for i in truth["items"])
+    assert rep.replaced == rep.restored == len(edited)
+    assert sim.stats()["deleted_items"][a] == len(originals)  # the copies, and only them
+
+
+def test_identical_source_items_each_get_their_own_copy_under_skip(sim_factory, tmp_path):
+    """Two items of a folder with the same stream (the simulator's import of one item twice): restored into an
+    empty folder under ``skip``, both come back — a copy this restore just made serves one source item only."""
+    import base64
+
+    from mailpipe.sim import fidelity
+
+    sim = sim_factory(users=2, messages_per_mailbox=4, other_items=6, seed=54)
+    a, b = [u for u in mailbox_upns(sim) if not u.startswith("shared")][:2]
+    mb = sim.model.mailbox(a)
+    x = sorted(mb.xitems)[0]
+    data = base64.b64encode(fidelity.stream(mb, mb.xitems[x])).decode()
+    sim.mutate(a, [{"op": "import_item", "folder": mb.xitems[x].folder, "data": data, "at": "2026-01-05T08:00:00+00:00"}])
+    t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
+    ra, = backup(t, [a])
+    src = snapshot_rows(open_repository(t), ra.user_id)
+    assert len({r["sha256"] for r in src}) == len(src) - 1  # one stream twice
+    res = restore(t, upn=a, to=b, into="Twice")
+    assert res.ok and res.restored == len(src)
+    here = [i for i in fid_truth(sim, b)["items"] if i["folder_path"][:1] == ["Twice"]]
+    assert Counter(_key(i) for i in here) == Counter(
+        (r["item_type"], ("Twice", *r["folder_path"]), r["sha256"]) for r in src)
+
+
+
+def test_a_resumed_copy_restore_never_takes_another_restores_items_for_its_own(sim_factory, tmp_path, monkeypatch):
+    """A ``copy`` restore imports everything but records nothing (its progress cannot be written: as if killed
+    before each record); the user deletes some of those copies, and a ``skip`` restore of the same source puts
+    them back. Started again, the copy restore adopts its own remaining imports — not the skip restore's, which
+    are exact copies too and new since its baseline — and imports again the ones the user deleted."""
+    from mailpipe.repo.repository import Repository
+    from mailpipe.repo.store import StoreError
+
+    sim = sim_factory(users=2, messages_per_mailbox=10, other_items=8, seed=55)
+    a, b = [u for u in mailbox_upns(sim) if not u.startswith("shared")][:2]
+    t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
+    ra, = backup(t, [a])
+    total = ra.items_total
+    real = Repository.write_restore_progress
+
+    def refused(self, *args, **kw):
+        raise StoreError("the repository is away (injected)")
+
+    monkeypatch.setattr(Repository, "write_restore_progress", refused)
+    lost = restore(t, upn=a, to=b, into="Here", collisions="copy")
+    assert not lost.ok and "injected" in lost.error
+    monkeypatch.setattr(Repository, "write_restore_progress", real)
+    made = sorted(i["id"] for i in fid_truth(sim, b)["items"] if i["folder_path"][:1] == ["Here"])
+    assert len(made) == total
+    mbb = sim.model.mailbox(b)
+    gone = made[:6]
+    sim.mutate(b, [{"op": "delete_item", "ids": [i for i in gone if i in mbb.xitems]},
+                   {"op": "delete", "ids": [i for i in gone if i in mbb.msgs]}])
+    skip = restore(t, upn=a, to=b, into="Here")
+    assert skip.ok and skip.restored == 6 and skip.skipped_present == total - 6
+    again = restore(t, upn=a, to=b, into="Here", collisions="copy")
+    assert again.ok and again.failed_count == 0, again.error
+    assert again.completed == total - 6 and again.restored == 6
+    uid_b = sim.model.user(b).id
+    mine = {r["created"] for r in open_repository(t).iter_restore_progress(uid_b, again.restore_id)}
+    theirs = {r["created"] for r in open_repository(t).iter_restore_progress(uid_b, skip.restore_id)
+              if r["status"] == "created"}
+    assert len(mine) == total and len(theirs) == 6 and not mine & theirs

@@ -237,40 +237,52 @@ class RestoreJob:
 
     # -- run -------------------------------------------------------------------------------------------------
     async def run(self, graph_options: dict[str, Any]) -> None:
+        """Resolve the target, take this restore's lease, restore (:meth:`_restore`), and — whatever happened —
+        record the progress, then give the lease back (a progress record that cannot be written fails the run,
+        never keeps its lease until it expires)."""
         from mailpipe.graph import GraphTenant
-        from mailpipe.graph.write import MailboxWriter
 
         req, r = self.req, self.r
         async with GraphTenant.from_config(self.tenant.for_restore(), self.s, **graph_options) as graph:
             target = await graph.resolve_mailbox(r.target)
             self.target_uid = target.id
-            rid = _restore_id(self.tenant.name, self.source_uid, target.id, req)
-            r.restore_id = rid
+            rid = r.restore_id = _restore_id(self.tenant.name, self.source_uid, target.id, req)
             mb = graph.mailbox(target.id, target.upn)
-            writer = MailboxWriter(mb)
+            writer = await self._writer(mb)
             lease = await self._lease_io(lambda: self.repo.acquire_lease(
                 target.id, target.upn, self.s.lease_seconds, name=f"restores/{rid}/lease.json",
                 what="run of this restore"))
             renewer = asyncio.create_task(self._renew(lease))
             try:
-                done = await self._resume_or_pin(target.id, rid)
-                folder_ids = await self._folders(writer, graph, mb)
-                existing = await self._existing(writer, {folder_ids[p] for p in self.target_of.values()}, rid)
-                await self._items(writer, folder_ids, existing, done, rid)
+                await self._restore(graph, mb, writer, rid)
             finally:
                 renewer.cancel()
                 await asyncio.gather(renewer, return_exceptions=True)
-                await self._flush(force=True)
-                await self._lease_io(lease.release)
-                await writer.aclose()
-                r.requests = mb.stats.requests
-                r.throttled = mb.stats.throttled
-                r.upload_wait_seconds = round(writer.budget.waited, 1)
-                await graph.release(mb.user_id)
+                try:
+                    await self._flush(force=True)
+                finally:
+                    await self._lease_io(lease.release)
+                    await writer.aclose()
+                    r.requests = mb.stats.requests
+                    r.throttled = mb.stats.throttled
+                    r.upload_wait_seconds = round(writer.budget.waited, 1) if writer.budget is not None else 0.0
+                    await graph.release(mb.user_id)
             if self._fatal is not None:
                 raise self._fatal
             await self._io(lambda: self.repo.write_restore_result(target.id, rid, {
                 k: v for k, v in r.__dict__.items() if k != "folders"}))
+
+    async def _writer(self, mb: Any) -> Any:
+        """What writes into the target mailbox (with ``budget``, the upload budget, and ``aclose``)."""
+        from mailpipe.graph.write import MailboxWriter
+
+        return MailboxWriter(mb)
+
+    async def _restore(self, graph: Any, mb: Any, writer: Any, rid: str) -> None:
+        done = await self._resume_or_pin(self.target_uid, rid)
+        folder_ids = await self._folders(writer, graph, mb)
+        existing = await self._existing(writer, {folder_ids[p] for p in self.target_of.values()}, rid)
+        await self._items(writer, folder_ids, existing, done, rid)
 
     async def _lease_io(self, fn: Any) -> Any:
         """Lease calls on the default executor: never queued behind the store pool's reads."""

@@ -34,7 +34,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from mailpipe.restore.engine import WELL_KNOWN, RestoreJob, _restore_id, _selected
+from mailpipe.restore.engine import WELL_KNOWN, RestoreJob, _selected
 
 log = logging.getLogger("mailpipe.restore")
 
@@ -89,54 +89,30 @@ class FidelityRestoreJob(RestoreJob):
                 wk[str(meta["well_known"]).lower()] = p
         return cls, wk
 
-    async def run(self, graph_options: dict[str, Any]) -> None:
-        from mailpipe.graph import GraphTenant
+    async def _writer(self, mb: Any) -> Any:
         from mailpipe.graph.export import MailboxExport, check_permissions
 
-        req, r = self.req, self.r
-        async with GraphTenant.from_config(self.tenant.for_restore(), self.s, **graph_options) as graph:
-            target = await graph.resolve_mailbox(r.target)
-            self.target_uid = target.id
-            rid = _restore_id(self.tenant.name, self.source_uid, target.id, req)
-            r.restore_id = rid
-            mb = graph.mailbox(target.id, target.upn)
-            await check_permissions(mb, "fidelity", restore=True)
-            ex = MailboxExport(mb)
-            self._ex = ex
-            lease = await self._lease_io(lambda: self.repo.acquire_lease(
-                target.id, target.upn, self.s.lease_seconds, name=f"restores/{rid}/lease.json",
-                what="run of this restore"))
-            renewer = asyncio.create_task(self._renew(lease))
-            try:
-                done = await self._resume_or_pin(target.id, rid, content="fidelity")
-                folder_ids = await self._fidelity_folders(ex)
-                self._index: dict[str, _Folder] = {}
-                self._sha: dict[str, tuple[str | None, str]] = {}  # target item → (its change key, its stream's sha256)
-                self._locks: dict[str, asyncio.Lock] = {}          # a folder's listing
-                self._claim_locks: dict[str, asyncio.Lock] = {}    # a folder's decisions (what to do, claimed)
-                await self._io(lambda: self._read_links(rid))
-                self._orphans: dict[str, set[str]] = {}            # copy: imported by an earlier run, not recorded
-                if req.collisions == "copy":
-                    await self._baseline(rid, set(folder_ids.values()))
-                self._session: Any = None
-                self._session_life = SESSION_MARGIN_SECONDS * 4
-                self._session_lock = asyncio.Lock()
-                await self._import_session()  # a missing permission fails the restore here, not item by item
-                await self._items(ex, folder_ids, {}, done, rid)
-            finally:
-                renewer.cancel()
-                await asyncio.gather(renewer, return_exceptions=True)
-                await self._flush(force=True)
-                await self._lease_io(lease.release)
-                await ex.aclose()
-                r.requests = mb.stats.requests
-                r.throttled = mb.stats.throttled
-                r.upload_wait_seconds = round(ex.budget.waited, 1) if ex.budget is not None else 0.0
-                await graph.release(mb.user_id)
-            if self._fatal is not None:
-                raise self._fatal
-            await self._io(lambda: self.repo.write_restore_result(target.id, rid, {
-                k: v for k, v in r.__dict__.items() if k != "folders"}))
+        await check_permissions(mb, "fidelity", restore=True)
+        self._ex = MailboxExport(mb)
+        return self._ex
+
+    async def _restore(self, graph: Any, mb: Any, ex: Any, rid: str) -> None:
+        done = await self._resume_or_pin(self.target_uid, rid, content="fidelity")
+        folder_ids = await self._fidelity_folders(ex)
+        self._index: dict[str, _Folder] = {}
+        self._sha: dict[str, tuple[str | None, str]] = {}  # target item → (its change key, its stream's sha256)
+        self._locks: dict[str, asyncio.Lock] = {}          # a folder's listing
+        self._claim_locks: dict[str, asyncio.Lock] = {}    # a folder's decisions (what to do, claimed)
+        await self._io(lambda: self._read_links(rid))
+        self._orphans: dict[str, set[str]] = {}            # copy: imported by an earlier run, not recorded
+        self._gone: set[str] = set()                        # deleted by this restore (replace)
+        if self.req.collisions == "copy":
+            await self._baseline(rid, set(folder_ids.values()))
+        self._session: Any = None
+        self._session_life = SESSION_MARGIN_SECONDS * 4
+        self._session_lock = asyncio.Lock()
+        await self._import_session()  # a missing permission fails the restore here, not item by item
+        await self._items(ex, folder_ids, {}, done, rid)
 
     async def _fidelity_folders(self, ex: Any) -> dict[tuple[str, ...], str]:
         """Target folder id of every target path, created when missing with the source folder's class;
@@ -171,19 +147,30 @@ class FidelityRestoreJob(RestoreJob):
 
     # -- what the target folders hold ------------------------------------------------------------------------
     def _read_links(self, rid: str) -> None:
-        """Source item → the target items restores of it recorded (every restore of this source into this
-        mailbox), and the target items this restore recorded (``_claimed``: never another source item's)."""
+        """What the restores into this mailbox recorded: per source item of this source, the target items recorded
+        for it (``_links``, any status: "the same item") and those a restore *created* (``_made_by``: the only
+        ones ``replace`` may delete); every target item any restore created (``_created_any``: a copy restore's
+        baseline never makes them its own); and this restore's records (``_claimed``: a target item serves one
+        source item only)."""
         self._links: dict[str, set[str]] = {}
+        self._made_by: dict[str, set[str]] = {}
+        self._created_any: set[str] = set()
         self._claimed: set[str] = set()
         for other, plan in self.repo.restores_into(self.target_uid):
-            if plan.get("source") != self.source_uid:
-                continue
+            same_source = plan.get("source") == self.source_uid
             for row in self.repo.iter_restore_progress(self.target_uid, other):
-                made = row.get("created")
-                if isinstance(made, str) and made and isinstance(row.get("source"), str):
-                    self._links.setdefault(row["source"], set()).add(made)
-                    if other == rid:
-                        self._claimed.add(made)
+                made, source = row.get("created"), row.get("source")
+                if not isinstance(made, str) or not made:
+                    continue
+                created = row.get("status") in ("created", "done")  # (MIME restores record "done")
+                if created:
+                    self._created_any.add(made)
+                if other == rid:
+                    self._claimed.add(made)
+                if same_source and isinstance(source, str):
+                    self._links.setdefault(source, set()).add(made)
+                    if created:
+                        self._made_by.setdefault(source, set()).add(made)
 
     async def _baseline(self, rid: str, folders: set[str]) -> None:
         """``copy``: the target folders' items before this restore's first import, kept in the repository (written
@@ -196,22 +183,27 @@ class FidelityRestoreJob(RestoreJob):
                 self.target_uid, rid, {fid: sorted(f.items) for fid, f in now.items()}))
             return
         for fid, f in now.items():
-            orphans = set(f.items) - set(base.get(fid, ())) - self._claimed
+            orphans = set(f.items) - set(base.get(fid, ())) - self._created_any - self._claimed
             if orphans:
                 self._orphans[fid] = orphans
 
     async def _folder(self, folder_id: str, *, fresh: bool = False) -> _Folder:
         """The items of a target folder (ids, sizes, change keys) from one item delta, listed once (again with
-        ``fresh``) and kept up to date with what this restore makes."""
+        ``fresh``) and kept up to date with what this restore makes and deletes — also across a fresh listing,
+        which may have been read before an import of this restore ended or after a delete was sent."""
         lock = self._locks.setdefault(folder_id, asyncio.Lock())
         async with lock:
             f = self._index.get(folder_id)
             if f is None or fresh:
-                f = _Folder()
+                new = _Folder()
                 async for page in self._ex.item_delta(folder_id, None, page_size=1000):
                     for i in page.upserts:
-                        f.add(i.id, i.size, i.change_key)
-                self._index[folder_id] = f
+                        new.add(i.id, i.size, i.change_key)
+                for i in (self._claimed & set(f.items) - set(new.items)) if f is not None else ():
+                    new.add(i, *f.items[i])
+                for i in self._gone:
+                    new.discard(i)
+                self._index[folder_id] = f = new
             return f
 
     async def _same_stream(self, folder_id: str, size: int, sha256: str, among: set[str] | None = None) -> list[str]:
@@ -253,7 +245,7 @@ class FidelityRestoreJob(RestoreJob):
         policy = self.req.collisions
         keep: str | None = None
         extra: list[str] = []
-        async with self._claim_locks.setdefault(folder, asyncio.Lock()):  # what to do, decided and claimed at once (two source items never take one target)
+        async with self._claim_locks.setdefault(folder, asyncio.Lock()):  # what to do, decided and claimed at once
             if policy == "copy":
                 mine = await self._same_stream(folder, size, sha, self._orphans.get(folder, set()))
                 if mine:  # imported by an earlier run that died before recording it
@@ -263,25 +255,24 @@ class FidelityRestoreJob(RestoreJob):
                     self._record(item, mine[0], folder, "created")
                     return
             else:
-                same = await self._same_stream(folder, size, sha)
-                linked = await self._linked(folder, item)
-                if policy == "skip":
-                    if same or linked:
+                same = [i for i in await self._same_stream(folder, size, sha) if i not in self._claimed]
+                linked = [i for i in await self._linked(folder, item) if i not in self._claimed]
+                own = item if item in linked and self.target_uid == self.source_uid else None
+                # the one kept: the item itself (in its own mailbox), else an exact copy, else a changed copy
+                keep = own or next((i for i in same if i in linked), None) or (same or linked or [None])[0]
+                if keep is not None:
+                    self._claimed.add(keep)
+                    if policy == "skip":
                         self.r.skipped_present += 1
-                        self._record(item, (same or linked)[0], folder, "present")
+                        self._record(item, keep, folder, "present")
                         return
-                else:  # replace: one of them kept as backed up, the other copies restores made of it go
-                    same = [i for i in same if i not in self._claimed]
-                    linked = [i for i in linked if i not in self._claimed]
-                    keep = next((i for i in same if i in linked), None) or (same or linked or [None])[0]
-                    extra = [i for i in linked if i != keep]
-                    if keep is not None:
-                        self._claimed.add(keep)
-                        if keep in same:
-                            await self._delete(folder, extra)
-                            self.r.skipped_present += 1
-                            self._record(item, keep, folder, "present")
-                            return
+                    # replace: the other copies go, and only copies that restores created (never the user's items)
+                    extra = [i for i in linked if i != keep and i != own and i in self._made_by.get(item, ())]
+                    if keep in same:
+                        await self._delete(folder, extra)
+                        self.r.skipped_present += 1
+                        self._record(item, keep, folder, "present")
+                        return
         data = await self._io(lambda: self.repo.read_content(row["sha256"], row["chunks"], row["size"], item=item))
         if keep is not None:
             await self._update(ex, folder, keep, data, size, sha)
@@ -309,11 +300,12 @@ class FidelityRestoreJob(RestoreJob):
             except TransientError:
                 for _ in range(2):
                     await asyncio.sleep(self.s.item_retry_delay)
-                    f = await self._folder(folder, fresh=True)
-                    found = await self._same_stream(folder, size, sha, set(f.items) - before - self._claimed)
-                    if found:
-                        self._made(folder, found[0], size, f.items[found[0]][1], sha)
-                        return found[0]
+                    async with self._claim_locks.setdefault(folder, asyncio.Lock()):  # looked for and claimed at once
+                        f = await self._folder(folder, fresh=True)
+                        found = await self._same_stream(folder, size, sha, set(f.items) - before - self._claimed)
+                        if found:
+                            self._made(folder, found[0], size, f.items[found[0]][1], sha)
+                            return found[0]
                 if attempt:
                     raise
         raise AssertionError("unreachable")
@@ -360,6 +352,7 @@ class FidelityRestoreJob(RestoreJob):
         """``replace``: the other copies restores made of an item, soft-deleted (recoverable) once the one kept
         is as backed up."""
         for i in ids:
+            self._gone.add(i)
             await self._ex.delete_item(folder, i)
             f = self._index.get(folder)
             if f is not None:

@@ -159,13 +159,13 @@ async def delete_item(srv: SimServer, request: web.Request, mb: Mailbox, folder:
     if disposal not in DISPOSAL_TYPES:
         return _err(400, "ErrorInvalidRequest", f"The query parameter 'disposalType' is required and must be one of "
                     f"{', '.join(DISPOSAL_TYPES)} (got {disposal!r}).")
-    with mb.lock:
+    with mb.lock:  # the check and the delete at once: an item moved or deleted meanwhile is a 404
         f, _ = fidelity.any_folder(mb, folder)
         it = fidelity.find_item(mb, item_id)
         if it is None or it.folder != f.id:
             raise NotFound(item_id)
         op = {"op": "delete", "ids": [it.id]} if it.id in mb.msgs else {"op": "delete_item", "ids": [it.id]}
-    await srv._apply(mb, [op])
+        srv.model.mutate(mb.user.id, [op])
     srv.deleted_items[mb.user.id] += 1
     return web.Response(status=204)
 
