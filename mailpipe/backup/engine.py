@@ -20,8 +20,8 @@ One mailbox backup (:class:`MailboxBackup`):
    snapshot and commit it (renewing the lease right before); the delta links advance only there.
 
 Everything is bounded in time: a deadline per mailbox, per request (docs/GRAPH.md), and paging budgets.
-Many mailboxes run concurrently (:func:`mailpipe.backup.runner.backup_many`), each with its own limiter: a throttled mailbox
-never holds up the others. A mailbox that fails does so alone; its checkpoints remain.
+Many mailboxes run concurrently (:func:`mailpipe.backup.runner.backup_mailboxes`), each with its own
+limiter: a throttled mailbox never holds up the others. A mailbox that fails does so alone; its checkpoints remain.
 """
 
 from __future__ import annotations

@@ -23,7 +23,17 @@ from mailpipe.settings import Settings
 
 async def discover_mailboxes(tenant: TenantConfig, settings: Settings | None = None) -> Discovery:
     """List the tenant's mailboxes (Graph ``/users``), filtered by the tenant's globs."""
-    return await discover(tenant, settings)
+    from mailpipe.graph import GraphTenant
+
+    async with GraphTenant.from_config(tenant, settings) as graph:
+        listing = await graph.list_mailboxes()
+    mailboxes = sorted(
+        (MailboxRef(user_id=m.id, upn=m.upn.lower()) for m in listing.mailboxes
+         if tenant.mailboxes.matches(m.upn)),
+        key=lambda m: m.upn,
+    )
+    skipped = [SkippedUser(upn=s.upn.lower(), user_id=s.id, reason=s.reason) for s in listing.skipped]
+    return Discovery(mailboxes=mailboxes, skipped=skipped)
 
 
 async def backup_mailboxes(
@@ -58,30 +68,35 @@ async def backup_mailboxes(
     A repository that cannot be opened (a missing bucket, bad credentials, a read-only folder) raises a
     :class:`mailpipe.errors.UserError` naming the tenant and the storage: no mailbox can be backed up.
     """
-    return await backup_many(
-        tenant, list(upns), settings=settings, skip_if_committed_since=skip_if_committed_since, progress=progress,
-        max_parallel_mailboxes=max_parallel_mailboxes, graph_options=graph_options, s3_client=s3_client,
-        wait_for_lease=wait_for_lease,
-    )
+    from mailpipe.graph import GraphTenant
+    from mailpipe.repo import open_repository
+
+    settings = settings or Settings()
+    work = settings.tenant_work_dir(tenant.name)
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="mailpipe-store")
+    try:
+        await loop.run_in_executor(pool, sweep_work_dirs, work, max(3600.0, 2 * settings.lease_seconds))
+        repo = await loop.run_in_executor(pool, lambda: open_repository(tenant, s3_client=s3_client, tmp_dir=work))
+        await loop.run_in_executor(pool, repo.load_damaged)
+        sem = asyncio.Semaphore(max_parallel_mailboxes or settings.max_parallel_mailboxes)
+        async with GraphTenant.from_config(tenant, settings, **(graph_options or {})) as graph:
+
+            async def one(upn: str) -> MailboxResult:
+                async with sem:
+                    job = backup_class(tenant)(tenant, graph, repo, pool, upn, settings=settings, work=work,
+                                               progress=progress, skip_if_committed_since=skip_if_committed_since,
+                                               wait_for_lease=wait_for_lease)
+                    return await job.run()
+
+            return list(await asyncio.gather(*(one(u) for u in upns)))
+    finally:
+        pool.shutdown(wait=True)
 
 
 def run(coro):
     """Run an engine coroutine from synchronous code (Dagster ops, the CLI)."""
     return asyncio.run(coro)
-
-
-async def discover(tenant: TenantConfig, settings: Settings | None = None) -> Discovery:
-    from mailpipe.graph import GraphTenant
-
-    async with GraphTenant.from_config(tenant, settings) as graph:
-        listing = await graph.list_mailboxes()
-    mailboxes = sorted(
-        (MailboxRef(user_id=m.id, upn=m.upn.lower()) for m in listing.mailboxes
-         if tenant.mailboxes.matches(m.upn)),
-        key=lambda m: m.upn,
-    )
-    skipped = [SkippedUser(upn=s.upn.lower(), user_id=s.id, reason=s.reason) for s in listing.skipped]
-    return Discovery(mailboxes=mailboxes, skipped=skipped)
 
 
 def sweep_work_dirs(tenant_work: str, older_than: float) -> int:
@@ -109,44 +124,6 @@ def sweep_work_dirs(tenant_work: str, older_than: float) -> int:
             shutil.rmtree(e.path, ignore_errors=True)
             removed += 1
     return removed
-
-
-async def backup_many(
-    tenant: TenantConfig,
-    upns: list[str],
-    *,
-    settings: Settings | None = None,
-    skip_if_committed_since: datetime | None = None,
-    progress: ProgressCallback | None = None,
-    max_parallel_mailboxes: int | None = None,
-    graph_options: dict[str, Any] | None = None,
-    s3_client: Any = None,
-    wait_for_lease: bool = False,
-) -> list[MailboxResult]:
-    from mailpipe.graph import GraphTenant
-    from mailpipe.repo import open_repository
-
-    settings = settings or Settings()
-    work = settings.tenant_work_dir(tenant.name)
-    loop = asyncio.get_running_loop()
-    pool = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="mailpipe-store")
-    try:
-        await loop.run_in_executor(pool, sweep_work_dirs, work, max(3600.0, 2 * settings.lease_seconds))
-        repo = await loop.run_in_executor(pool, lambda: open_repository(tenant, s3_client=s3_client, tmp_dir=work))
-        await loop.run_in_executor(pool, repo.load_damaged)
-        sem = asyncio.Semaphore(max_parallel_mailboxes or settings.max_parallel_mailboxes)
-        async with GraphTenant.from_config(tenant, settings, **(graph_options or {})) as graph:
-
-            async def one(upn: str) -> MailboxResult:
-                async with sem:
-                    job = backup_class(tenant)(tenant, graph, repo, pool, upn, settings=settings, work=work,
-                                        progress=progress, skip_if_committed_since=skip_if_committed_since,
-                                        wait_for_lease=wait_for_lease)
-                    return await job.run()
-
-            return list(await asyncio.gather(*(one(u) for u in upns)))
-    finally:
-        pool.shutdown(wait=True)
 
 
 def backup_class(tenant: TenantConfig) -> type[MailboxBackup]:

@@ -578,6 +578,66 @@ class Paging:
         return link
 
 
+async def walk_delta(t: Any, what: str, max_pages: int, get: Callable[[str | None], Awaitable[dict[str, Any]]],
+                     link: str | None, upsert: Callable[[dict[str, Any]], Any],
+                     describe: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                     ) -> AsyncIterator[tuple[list[Any], list[str], str | None, str | None, list[dict[str, Any]]]]:
+    """A delta listing, page by page: ``(upserts, removed ids, next link, delta link, invalid entries)``, from
+    ``link`` (a saved delta link, relative to graph_url) or from scratch (``get(None)``: the first request).
+
+    Every nextLink is followed (pages may be empty) through :class:`Paging` (links on graph_url only, never
+    repeating, at most ``max_pages``) until the deltaLink, which the last page carries and which is returned
+    relative to graph_url (how it is saved) — only once it is known to be followable. :class:`ResyncRequired`
+    when Graph no longer knows the sync state: 410 and friends (raised by ``get``), a saved link that cannot be
+    used with today's graph_url, or a 400/404 answered to a link Graph issued. ``upsert`` turns an entry into
+    the caller's item; an entry that is not an object, or has no id and is not a removal, is listed as invalid
+    (with ``describe(entry)`` to say which), never dropped silently."""
+
+    async def follow(url: str) -> dict[str, Any]:
+        try:
+            return await get(url)
+        except GraphError as e:
+            if e.status in (400, 404) and not isinstance(e, NoMailboxError):
+                # a token Graph issued and no longer accepts (some answer 400/404 instead of 410)
+                raise ResyncRequired(f"{what}: the delta link was refused ({e}); listing the folder again",
+                                     status=e.status, code=e.code) from None
+            raise
+
+    paging = Paging(t.origin, what, max_pages)
+    if link is None:
+        resp = await get(None)
+    else:
+        url = t.origin.resolve_saved(link)
+        if url is None:
+            raise ResyncRequired(f"{what}: the saved delta link does not belong to graph_url {t.graph_url}; "
+                                 "listing the folder again")
+        resp = await follow(url)
+    while True:
+        upserts, removed, invalid = [], [], []
+        for m in _values(resp, what):
+            if not isinstance(m, dict):
+                invalid.append({"reason": "Graph returned an entry that is not an object"})
+            elif not isinstance(m.get("id"), str) or not m["id"]:
+                if "@removed" not in m:
+                    invalid.append({"reason": "Graph returned an item without an id",
+                                    **(describe(m) if describe else {})})
+            elif "@removed" in m:
+                removed.append(m["id"])
+            else:
+                upserts.append(upsert(m))
+        nxt, dl = resp.get("@odata.nextLink"), resp.get("@odata.deltaLink")
+        if not nxt and not dl:
+            raise TransientError(f"{what}: a page without nextLink or deltaLink")
+        if nxt:
+            url = paging.follow(nxt, empty_page=not (upserts or removed or invalid))
+            yield upserts, removed, url, None, invalid
+            resp = await follow(url)
+            continue
+        paging.follow(dl, "deltaLink")  # never save a link we would not follow
+        yield upserts, removed, None, t.origin.relative(dl), invalid
+        return
+
+
 def _values(resp: dict[str, Any], what: str) -> list[Any]:
     v = resp.get("value")
     if v is None:
@@ -745,53 +805,15 @@ class MailboxGraph:
         builder = self._user.mail_folders.by_mail_folder_id(folder_id).messages.delta
         headers = {"Prefer": f"odata.maxpagesize={page_size}"}
         what = f"mailbox {self.upn} folder {folder_id} delta"
-        paging = Paging(self.t.origin, what, MIN_DELTA_PAGES + 2 * max(0, expected_items or 0))
+        first = DeltaRequestBuilder.DeltaRequestBuilderGetQueryParameters(select=MESSAGE_SELECT)
 
-        async def follow(url: str) -> dict[str, Any]:
-            try:
-                return await self._caller.call(
-                    "delta", lambda: self.t.get_json(builder.with_url(url), self.t._config(None, headers), what), what)
-            except GraphError as e:
-                if e.status in (400, 404) and not isinstance(e, NoMailboxError):
-                    # a token Graph issued and no longer accepts (some answer 400/404 instead of 410)
-                    raise ResyncRequired(f"{what}: the delta link was refused ({e}); listing the folder again",
-                                         status=e.status, code=e.code) from None
-                raise
+        async def get(url: str | None) -> dict[str, Any]:
+            b, q = (builder, first) if url is None else (builder.with_url(url), None)
+            return await self._caller.call("delta", lambda: self.t.get_json(b, self.t._config(q, headers), what), what)
 
-        if link is None:
-            q = DeltaRequestBuilder.DeltaRequestBuilderGetQueryParameters(select=MESSAGE_SELECT)
-            resp = await self._caller.call(
-                "delta", lambda: self.t.get_json(builder, self.t._config(q, headers), what), what)
-        else:
-            url = self.t.origin.resolve_saved(link)
-            if url is None:
-                raise ResyncRequired(f"{what}: the saved delta link does not belong to graph_url {self.t.graph_url}; "
-                                     "listing the folder again")
-            resp = await follow(url)
-        while True:
-            upserts, removed, invalid = [], [], []
-            for m in _values(resp, what):
-                if not isinstance(m, dict):
-                    invalid.append({"reason": "Graph returned an entry that is not an object"})
-                elif not isinstance(m.get("id"), str) or not m["id"]:
-                    if "@removed" not in m:
-                        invalid.append({"reason": "Graph returned an item without an id",
-                                        "subject": m.get("subject") if isinstance(m.get("subject"), str) else None})
-                elif "@removed" in m:
-                    removed.append(m["id"])
-                else:
-                    upserts.append(_message_info(m))
-            nxt, dl = resp.get("@odata.nextLink"), resp.get("@odata.deltaLink")
-            if not nxt and not dl:
-                raise TransientError(f"{what}: a page without nextLink or deltaLink")
-            if nxt:
-                url = paging.follow(nxt, empty_page=not (upserts or removed or invalid))
-                yield DeltaPage(upserts, removed, url, None, invalid)
-                resp = await follow(url)
-                continue
-            paging.follow(dl, "deltaLink")  # never save a link we would not follow
-            yield DeltaPage(upserts, removed, None, self.t.origin.relative(dl), invalid)
-            return
+        async for page in walk_delta(self.t, what, MIN_DELTA_PAGES + 2 * max(0, expected_items or 0), get, link,
+                                     _message_info, lambda m: {"subject": _str(m.get("subject"))}):
+            yield DeltaPage(*page)
 
     async def get_mime(self, message_id: str) -> bytes:
         """The item's raw MIME (``/messages/{id}/$value``), byte-exact.

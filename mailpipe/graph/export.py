@@ -37,14 +37,12 @@ from mailpipe.graph.client import (
     _values,
     json_object,
     raise_for_status,
+    walk_delta,
 )
 from mailpipe.graph.errors import (
     ForbiddenError,
-    GraphError,
-    NoMailboxError,
     NotFoundError,
     ProtocolError,
-    ResyncRequired,
     TransientError,
     UnsafeLinkError,
 )
@@ -119,6 +117,15 @@ class ExportResult:
 class ImportSession:
     url: str
     expires_at: datetime | None
+
+
+def _item_info(m: dict[str, Any]) -> ExportItemInfo:
+    """An item delta entry → :class:`ExportItemInfo`; fields of the wrong type are read as absent."""
+    size, cats = m.get("size"), m.get("categories")
+    return ExportItemInfo(m["id"], _str(m.get("type")), size if isinstance(size, int) and size >= 0 else None,
+                          _str(m.get("changeKey")), _parse_dt(m.get("createdDateTime")),
+                          _parse_dt(m.get("lastModifiedDateTime")),
+                          tuple(c for c in cats if isinstance(c, str)) if isinstance(cats, list) else ())
 
 
 def roles_from_token(token: str) -> set[str] | None:
@@ -277,55 +284,15 @@ class MailboxExport:
         builder = self._mailbox(mid).folders.by_mailbox_folder_id(folder_id).items.delta
         headers = {"Prefer": f"odata.maxpagesize={page_size}"}
         what = f"mailbox {self.mb.upn} export folder {folder_id} delta"
-        paging = Paging(self.t.origin, what, MIN_DELTA_PAGES + 2 * max(0, expected_items or 0))
 
-        async def follow(url: str) -> dict[str, Any]:
-            try:
-                return await self._call("mailbox_item_delta", lambda: self.t.get_json(
-                    builder.with_url(url), self._config(None, headers), what), what)
-            except GraphError as e:
-                if e.status in (400, 404) and not isinstance(e, NoMailboxError):
-                    raise ResyncRequired(f"{what}: the delta link was refused ({e}); listing the folder again",
-                                         status=e.status, code=e.code) from None
-                raise
+        async def get(url: str | None) -> dict[str, Any]:
+            b = builder if url is None else builder.with_url(url)
+            return await self._call("mailbox_item_delta", lambda: self.t.get_json(b, self._config(None, headers), what),
+                                    what)
 
-        if link is None:
-            resp = await self._call("mailbox_item_delta", lambda: self.t.get_json(
-                builder, self._config(None, headers), what), what)
-        else:
-            url = self.t.origin.resolve_saved(link)
-            if url is None:
-                raise ResyncRequired(f"{what}: the saved delta link does not belong to graph_url {self.t.graph_url}; "
-                                     "listing the folder again")
-            resp = await follow(url)
-        while True:
-            upserts, removed, invalid = [], [], []
-            for m in _values(resp, what):
-                if not isinstance(m, dict):
-                    invalid.append({"reason": "Graph returned an entry that is not an object"})
-                elif not isinstance(m.get("id"), str) or not m["id"]:
-                    if "@removed" not in m:
-                        invalid.append({"reason": "Graph returned an item without an id"})
-                elif "@removed" in m:
-                    removed.append(m["id"])
-                else:
-                    size, cats = m.get("size"), m.get("categories")
-                    upserts.append(ExportItemInfo(
-                        m["id"], _str(m.get("type")), size if isinstance(size, int) and size >= 0 else None,
-                        _str(m.get("changeKey")), _parse_dt(m.get("createdDateTime")),
-                        _parse_dt(m.get("lastModifiedDateTime")),
-                        tuple(c for c in cats if isinstance(c, str)) if isinstance(cats, list) else ()))
-            nxt, dl = resp.get("@odata.nextLink"), resp.get("@odata.deltaLink")
-            if not nxt and not dl:
-                raise TransientError(f"{what}: a page without nextLink or deltaLink")
-            if nxt:
-                url = paging.follow(nxt, empty_page=not (upserts or removed or invalid))
-                yield ItemDeltaPage(upserts, removed, url, None, invalid)
-                resp = await follow(url)
-                continue
-            paging.follow(dl, "deltaLink")
-            yield ItemDeltaPage(upserts, removed, None, self.t.origin.relative(dl), invalid)
-            return
+        async for page in walk_delta(self.t, what, MIN_DELTA_PAGES + 2 * max(0, expected_items or 0), get, link,
+                                     _item_info):
+            yield ItemDeltaPage(*page)
 
     async def create_folder(self, parent_id: str | None, name: str, folder_class: str | None) -> str:
         """``POST folders`` (under the root) or ``folders/{id}/childFolders`` ``{displayName, type}`` → the new
