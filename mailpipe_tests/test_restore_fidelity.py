@@ -468,3 +468,79 @@ def test_a_resumed_copy_restore_never_takes_another_restores_items_for_its_own(s
     theirs = {r["created"] for r in open_repository(t).iter_restore_progress(uid_b, skip.restore_id)
               if r["status"] == "created"}
     assert len(mine) == total and len(theirs) == 6 and not mine & theirs
+
+
+def test_an_import_in_flight_is_not_taken_for_another_items_lost_import(sim_factory, tmp_path, monkeypatch):
+    """Two source items with the same stream, imported at once: the first import fails before Exchange made
+    anything (a 503) while the second has been made but not answered yet. Looking for the first one's import,
+    the restore must not take the second's item for it (a review found one item lost, reported restored)."""
+    import base64
+    import hashlib
+
+    from mailpipe.graph import TransientError
+    from mailpipe.graph.export import MailboxExport
+    from mailpipe.sim import fidelity
+
+    sim = sim_factory(users=2, messages_per_mailbox=4, other_items=6, seed=56)
+    a, b = [u for u in mailbox_upns(sim) if not u.startswith("shared")][:2]
+    mb = sim.model.mailbox(a)
+    x = sorted(mb.xitems)[0]
+    twice = fidelity.stream(mb, mb.xitems[x])
+    sim.mutate(a, [{"op": "import_item", "folder": mb.xitems[x].folder, "data": base64.b64encode(twice).decode(),
+                    "at": "2026-01-05T08:00:00+00:00"}])
+    t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
+    ra, = backup(t, [a])
+    src = snapshot_rows(open_repository(t), ra.user_id)
+    real = MailboxExport.import_item
+    calls: list[int] = []
+    made = asyncio.Event()
+
+    async def racing(self, session, folder_id, data, **kw):
+        if hashlib.sha256(data).digest() != hashlib.sha256(twice).digest():
+            return await real(self, session, folder_id, data, **kw)
+        calls.append(1)
+        if len(calls) == 1:  # the first: fails once the other one is made (or after 2 s)
+            try:
+                await asyncio.wait_for(made.wait(), 2.0)
+            except TimeoutError:
+                pass
+            raise TransientError("import: 503 Service Unavailable (injected)")
+        out = await real(self, session, folder_id, data, **kw)
+        if len(calls) == 2:  # the second: made, answered late
+            made.set()
+            await asyncio.sleep(1.0)
+        return out
+
+    monkeypatch.setattr(MailboxExport, "import_item", racing)
+    res = restore(t, upn=a, to=b, into="Twice")
+    assert res.ok and res.failed_count == 0 and res.restored == len(src), (res.error, res.failed)
+    rows = list(open_repository(t).iter_restore_progress(sim.model.user(b).id, res.restore_id))
+    assert len(rows) == len(src) and len({r["created"] for r in rows}) == len(src)
+    here = [i for i in fid_truth(sim, b)["items"] if i["folder_path"][:1] == ["Twice"]]
+    assert Counter(_key(i) for i in here) == Counter(
+        (r["item_type"], ("Twice", *r["folder_path"]), r["sha256"]) for r in src)
+
+
+def test_an_item_deleted_while_it_is_replaced_fails_saying_so(sim_factory, tmp_path, monkeypatch):
+    """The user deletes the item ``replace`` is about to update: the update is refused, the folder listed again,
+    and the item fails with the reason — not retried against an item that is gone."""
+    from mailpipe.graph.export import MailboxExport
+
+    sim = sim_factory(users=1, messages_per_mailbox=4, other_items=6, seed=57)
+    a = mailbox_upns(sim)[0]
+    t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
+    ra, = backup(t, [a])
+    x = sorted(sim.model.mailbox(a).xitems)[0]
+    sim.mutate(a, [{"op": "edit_item", "ids": [x]}])
+    real = MailboxExport.import_item
+
+    async def deleting(self, session, folder_id, data, **kw):
+        if kw.get("mode") == "update":
+            sim.mutate(a, [{"op": "delete_item", "ids": [kw["item_id"]]}])
+        return await real(self, session, folder_id, data, **kw)
+
+    monkeypatch.setattr(MailboxExport, "import_item", deleting)
+    rep = restore(t, upn=a, in_place=True, collisions="replace")
+    assert rep.failed_count == 1 and rep.failed[0]["item_id"] == x
+    assert "left the target folder" in rep.failed[0]["reason"]
+    assert sim.stats()["requests"][a]["import"] == 1

@@ -261,12 +261,14 @@ class RestoreJob:
                 try:
                     await self._flush(force=True)
                 finally:
-                    await self._lease_io(lease.release)
-                    await writer.aclose()
-                    r.requests = mb.stats.requests
-                    r.throttled = mb.stats.throttled
-                    r.upload_wait_seconds = round(writer.budget.waited, 1) if writer.budget is not None else 0.0
-                    await graph.release(mb.user_id)
+                    try:
+                        await self._lease_io(lease.release)
+                    finally:
+                        await writer.aclose()
+                        r.requests = mb.stats.requests
+                        r.throttled = mb.stats.throttled
+                        r.upload_wait_seconds = round(writer.budget.waited, 1) if writer.budget is not None else 0.0
+                        await graph.release(mb.user_id)
             if self._fatal is not None:
                 raise self._fatal
             await self._io(lambda: self.repo.write_restore_result(target.id, rid, {

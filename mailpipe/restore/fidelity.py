@@ -20,9 +20,10 @@ same id, nothing deleted) — and soft-deletes the other copies restores made of
 Idempotence: a restore started again finds what its earlier runs recorded, and what they imported without
 recording (a crash between an import and its progress record): under ``skip`` and ``replace`` such an item is
 an exact copy, found as above; under ``copy`` the target folders' contents before the restore's first import are
-kept in the repository (``baseline.json``), and an exact copy that is neither in it nor recorded is the earlier
-run's. An import whose answer is lost (a timeout, a reset, a 5xx) is looked for among the folder's items that
-are new since the import was sent, before it is tried again.
+kept in the repository (``baseline.json``), and an exact copy that is neither in it nor created by a restore is
+the earlier run's. An import whose answer is lost (a timeout, a reset, a 5xx) is looked for among the folder's
+items that are new since the import was sent, before it is tried again; items with the same stream into one
+folder are restored one at a time (decision and import), so an import in flight is never taken for another's.
 """
 
 from __future__ import annotations
@@ -39,16 +40,18 @@ from mailpipe.restore.engine import WELL_KNOWN, RestoreJob, _selected
 log = logging.getLogger("mailpipe.restore")
 
 SESSION_MARGIN_SECONDS = 120.0   # an import session this close to its expiry is replaced before use
+STREAM_STRIPES = 256             # locks for (target folder, stream) pairs: one item of a stream at a time
 
 
 class _Folder:
     """A target folder's items as its item delta listed them: id → (size, change key), and ids by size."""
 
-    __slots__ = ("items", "by_size")
+    __slots__ = ("items", "by_size", "recent")
 
     def __init__(self) -> None:
         self.items: dict[str, tuple[int | None, str | None]] = {}
         self.by_size: dict[int | None, set[str]] = {}
+        self.recent: set[str] | None = None  # while the folder is listed again: what this restore made meanwhile
 
     def add(self, item_id: str, size: int | None, change_key: str | None) -> None:
         old = self.items.get(item_id)
@@ -103,6 +106,7 @@ class FidelityRestoreJob(RestoreJob):
         self._sha: dict[str, tuple[str | None, str]] = {}  # target item → (its change key, its stream's sha256)
         self._locks: dict[str, asyncio.Lock] = {}          # a folder's listing
         self._claim_locks: dict[str, asyncio.Lock] = {}    # a folder's decisions (what to do, claimed)
+        self._streams = [asyncio.Lock() for _ in range(STREAM_STRIPES)]  # (folder, stream) → one of these
         await self._io(lambda: self._read_links(rid))
         self._orphans: dict[str, set[str]] = {}            # copy: imported by an earlier run, not recorded
         self._gone: set[str] = set()                        # deleted by this restore (replace)
@@ -196,11 +200,14 @@ class FidelityRestoreJob(RestoreJob):
             f = self._index.get(folder_id)
             if f is None or fresh:
                 new = _Folder()
+                if f is not None:
+                    f.recent = set()
                 async for page in self._ex.item_delta(folder_id, None, page_size=1000):
                     for i in page.upserts:
                         new.add(i.id, i.size, i.change_key)
-                for i in (self._claimed & set(f.items) - set(new.items)) if f is not None else ():
-                    new.add(i, *f.items[i])
+                for i in (f.recent or ()) if f is not None else ():  # made while the listing was read
+                    if i not in new.items and i in f.items:
+                        new.add(i, *f.items[i])
                 for i in self._gone:
                     new.discard(i)
                 self._index[folder_id] = f = new
@@ -228,8 +235,19 @@ class FidelityRestoreJob(RestoreJob):
             known.add(item)
         return sorted(i for i in known if i in f.items)
 
-    def _made(self, folder_id: str, item_id: str, size: int, change_key: str | None, sha256: str) -> None:
-        self._index.setdefault(folder_id, _Folder()).add(item_id, size, change_key)
+    def _made(self, folder_id: str, item_id: str, size: int, change_key: str | None, sha256: str, *,
+              new: bool = True) -> None:
+        """Record an item this restore made (``new``) or updated; a new item that another source item already
+        claimed is refused (the item fails, the next run looks again), never recorded twice."""
+        from mailpipe.graph.errors import ProtocolError
+
+        if new and item_id in self._claimed:
+            raise ProtocolError(f"import into {folder_id}: Exchange answered item {item_id}, which this restore "
+                                "already recorded for another item")
+        f = self._index.setdefault(folder_id, _Folder())
+        f.add(item_id, size, change_key)
+        if f.recent is not None:
+            f.recent.add(item_id)
         self._sha[item_id] = (change_key, sha256)
         self._claimed.add(item_id)
 
@@ -242,6 +260,12 @@ class FidelityRestoreJob(RestoreJob):
             return
         folder = folder_ids[self.target_of[tuple(row["folder_path"] or ())]]
         size, sha = int(row["size"]), row["sha256"]
+        # one item of a stream at a time per folder, decision and import: an import of the same stream in flight
+        # (made, not answered yet) is never taken for another's (two items with one stream are rare: no cost)
+        async with self._streams[hash((folder, sha)) % len(self._streams)]:
+            await self._one_stream(ex, row, item, folder, size, sha)
+
+    async def _one_stream(self, ex: Any, row: dict[str, Any], item: str, folder: str, size: int, sha: str) -> None:
         policy = self.req.collisions
         keep: str | None = None
         extra: list[str] = []
@@ -326,13 +350,13 @@ class FidelityRestoreJob(RestoreJob):
             try:
                 _, ck = await self._import(ex, folder, data, mode="update", item_id=item_id,
                                            change_key=f.items[item_id][1])
-                self._made(folder, item_id, size, ck, sha)
+                self._made(folder, item_id, size, ck, sha, new=False)
                 return
             except GraphError as e:
                 if attempt == 2 or not (isinstance(e, TransientError) or e.code == "ErrorIrresolvableConflict"):
                     raise
         f = self._index[folder]
-        self._made(folder, item_id, size, f.items[item_id][1], sha)
+        self._made(folder, item_id, size, f.items[item_id][1], sha, new=False)
 
     async def _import(self, ex: Any, folder: str, data: bytes, **kw: Any) -> tuple[str, str | None]:
         """One POST to the import URL; a new session once when the URL's own token is refused (401)."""
@@ -352,8 +376,8 @@ class FidelityRestoreJob(RestoreJob):
         """``replace``: the other copies restores made of an item, soft-deleted (recoverable) once the one kept
         is as backed up."""
         for i in ids:
-            self._gone.add(i)
             await self._ex.delete_item(folder, i)
+            self._gone.add(i)
             f = self._index.get(folder)
             if f is not None:
                 f.discard(i)
