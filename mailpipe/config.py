@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from mailpipe.errors import UserError
-from mailpipe.repo.retention import RetentionConfig, parse_retention
+from mailpipe.retention import RetentionConfig, parse_retention
 
 TENANTS_ENV = "MAILPIPE_TENANTS"
 HOME_ENV = "MAILPIPE_HOME"  # where the demo keeps its repository and simulator state

@@ -20,7 +20,7 @@ from mailpipe.config import ConfigError, S3Config, parse_tenants
 from mailpipe.errors import UserError
 from mailpipe.repo import open_repository, repository
 from mailpipe.repo.forget import forget
-from mailpipe.repo.retention import Duration, KeepPolicy, decide, parse_retention
+from mailpipe.retention import Duration, KeepPolicy, decide, parse_retention
 from mailpipe.repo.store import StoreError, make_s3_client
 from mailpipe_tests.conftest import make_tenant
 

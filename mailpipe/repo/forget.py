@@ -3,7 +3,7 @@ snapshot of one mailbox). Their content stays in the repository until ``prune`` 
 references any more.
 
 Per mailbox: take the mailbox's backup lease (a running backup or another forget of it → the mailbox is
-reported and skipped), list its snapshots, decide (:func:`mailpipe.repo.retention.decide`), delete the
+reported and skipped), list its snapshots, decide (:func:`mailpipe.retention.decide`), delete the
 forgotten ones with :meth:`Repository.delete_snapshot` (``snapshot.json`` first: a snapshot is gone or
 whole). Never deleted: snapshots an unfinished restore reads (pinned), and — except by ``erase`` —
 snapshots whose commit record cannot be read (their time is unknown, so no policy can judge them;
@@ -20,7 +20,7 @@ from typing import Any
 from mailpipe.config import TenantConfig
 from mailpipe.errors import UserError
 from mailpipe.repo.repository import LeaseBusy, Repository, RepositoryError, mailbox_dir
-from mailpipe.repo.retention import NO_POLICY, decide
+from mailpipe.retention import NO_POLICY, decide
 from mailpipe.repo.store import ObjectLocked, StoreError
 
 LEASE_SECONDS = 300.0
