@@ -196,10 +196,8 @@ class Simulator(_Endpoint):
         self.model.mutate(user, [{"op": "expire_delta_tokens"}])
 
     def expire_import_sessions(self, user: str) -> int:
-        from mailpipe.sim import export_api
-
         async def call() -> int:  # on the server's loop: no request sees half of it
-            return export_api.expire_sessions(self.server, user)
+            return self.server.x_expire_sessions(user)
 
         return asyncio.run_coroutine_threadsafe(call(), self._loop).result(30)
 

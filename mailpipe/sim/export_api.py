@@ -2,12 +2,14 @@
 
 ``GET /v1.0/users/{u}/settings/exchange`` → ``primaryMailboxId``; under
 ``/v1.0/admin/exchange/mailboxes/{mailbox id}``: ``folders`` (+ ``/{id}``, ``/{id}/childFolders``, ``/delta``),
-``folders/{id}/items/delta`` and ``folders/{id}/items/{item id}`` (GET; DELETE with ``disposalType``), ``POST exportItems`` (≤ 20 ids, per-item
-errors inside a 200) and ``POST createImportSession`` → an ``importUrl`` on the upload origin with its own
-token, to which exported data is POSTed (``{FolderId, Mode, Data, ItemId?, ChangeKey?}``).
+``folders/{id}/items/delta`` and ``folders/{id}/items/{item id}`` (GET; DELETE with ``disposalType``),
+``POST exportItems`` (≤ 20 ids, per-item errors inside a 200) and ``POST createImportSession`` → an ``importUrl``
+on the upload origin with its own token, to which exported data is POSTed (``{FolderId, Mode, Data, ItemId?,
+ChangeKey?}``).
 
 Every route is admitted like the mail routes (the mailbox's concurrency and request window, the injected
-faults); the import URL's POSTs are charged to the mailbox's upload budget too.
+faults); the import URL's POSTs are charged to the mailbox's upload budget too. The routes are the methods of
+:class:`ExportApi` (``x_`` names), which :class:`~mailpipe.sim.server.SimServer` inherits.
 """
 
 from __future__ import annotations
@@ -20,16 +22,14 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from mailpipe.sim import fidelity
+from mailpipe.sim.answers import Reset, graph_error, read_body, too_large
 from mailpipe.sim.model import Mailbox, NotFound, TokenError
-
-if TYPE_CHECKING:
-    from mailpipe.sim.server import SimServer
 
 MAX_EXPORT_IDS = 20
 MAX_IMPORT_BYTES = 150 * 1024 * 1024  # Exchange's largest message; no limit of the import URL is published
@@ -38,6 +38,7 @@ IMPORT_ROLES = ("MailboxItem.ImportExport.All",)
 FOLDER_WRITE_ROLES = ("MailboxFolder.ReadWrite.All",)
 ITEM_WRITE_ROLES = ("MailboxItem.ReadWrite.All",)  # DELETE of an item (its v1.0 page's application permission)
 DISPOSAL_TYPES = ("softDelete", "hardDelete")
+IMPORT_PATH = re.compile(r"/api/v1\.0/Mailboxes\('([^']*)'\)/importItem/?", re.I)  # on the upload origin
 # per-item errors of exportItems (``fail_exports``): status -> (code, message)
 _EXPORT_ERRORS = {
     404: ("ErrorItemNotFound", "The specified object was not found in the store."),
@@ -56,17 +57,7 @@ class ImportSession:
 
 
 def _err(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    from mailpipe.sim.server import graph_error
-
     return graph_error(status, code, message, headers)
-
-
-def _roles_problem(srv: SimServer, need: tuple[str, ...]) -> web.Response | None:
-    roles = srv.model.cfg.roles
-    if roles is None or any(r in roles for r in need):
-        return None
-    return _err(403, "ErrorAccessDenied", f"Missing role permissions on the request. API requires one of "
-                f"'{', '.join(need)}'. Roles on the request '{', '.join(roles)}'.")
 
 
 def kind(low: list[str], method: str) -> str:
@@ -89,155 +80,10 @@ def kind(low: list[str], method: str) -> str:
     return "other"
 
 
-def find_mailbox(srv: SimServer, mbx: str) -> Mailbox:
-    for mb in srv.model.mailboxes.values():
-        if fidelity.mailbox_id(mb).lower() == mbx.lower():
-            return mb
-    raise NotFound(mbx)
-
-
-async def route(srv: SimServer, request: web.Request, segs: list[str], low: list[str]) -> web.StreamResponse:
-    """``segs`` = ``admin/exchange/mailboxes/{id}/...`` (already authorized)."""
-    srv.total += 1
-    if len(segs) < 5:
-        return _err(400, "BadRequest", "Listing mailboxes is not supported by the simulator.")
-    try:
-        mb = find_mailbox(srv, segs[3])
-    except NotFound:
-        srv.requests["_tenant"]["other"] += 1
-        return _err(404, "ErrorInvalidMailbox", f"The mailbox '{segs[3]}' was not found.")
-    user = mb.user
-    k = kind(low, request.method)
-    srv.requests[user.id][k] += 1
-    problem = _roles_problem(srv, {"import_session": IMPORT_ROLES, "mailbox_create_folder": FOLDER_WRITE_ROLES,
-                                   "mailbox_item_delete": ITEM_WRITE_ROLES}.get(k, EXPORT_ROLES))
-    if problem is not None:
-        return problem
-    return await srv._limited(user, lambda: _route(srv, request, mb, segs[4:], low[4:]))
-
-
-async def _route(srv: SimServer, request: web.Request, mb: Mailbox, segs: list[str], low: list[str]):
-    try:
-        if request.method == "POST" and low == ["exportitems"]:
-            return await export_items(srv, request, mb)
-        if request.method == "POST" and low == ["createimportsession"]:
-            return create_import_session(srv, mb)
-        if request.method == "POST" and low == ["folders"]:
-            return await create_folder(srv, request, mb, mb.root_id)
-        if request.method == "POST" and len(low) == 3 and low[0] == "folders" and low[2] == "childfolders":
-            return await create_folder(srv, request, mb, fidelity.any_folder(mb, segs[1])[0].id)
-        if request.method == "DELETE" and len(low) == 4 and low[0] == "folders" and low[2] == "items":
-            return await delete_item(srv, request, mb, segs[1], segs[3])
-        if request.method == "GET" and low[:1] == ["folders"]:
-            if len(low) == 1:
-                return folder_list(srv, request, mb, mb.root_id)
-            if low[1:] == ["delta"]:
-                return folder_delta(srv, request, mb)
-            f, _ = fidelity.any_folder(mb, segs[1])
-            if len(low) == 2:
-                with mb.lock:
-                    return web.json_response(fidelity.folder_json(mb, f, fidelity.item_counts(mb)))
-            if low[2:] == ["childfolders"]:
-                return folder_list(srv, request, mb, f.id)
-            if low[2:] == ["items", "delta"]:
-                return item_delta(srv, request, mb, f.id)
-            if low[2] == "items" and len(low) == 4:
-                it = fidelity.find_item(mb, segs[3])
-                if it is None or it.folder != f.id:
-                    raise NotFound(segs[3])
-                with mb.lock:
-                    return web.json_response(fidelity.item_json(mb, it))
-    except NotFound as e:
-        return _err(404, "ErrorItemNotFound", f"The specified object was not found in the store. ({e})")
-    return _err(400, "BadRequest", f"The simulator does not support {request.method} on this resource.")
-
-
-async def delete_item(srv: SimServer, request: web.Request, mb: Mailbox, folder: str, item_id: str) -> web.Response:
-    """``DELETE folders/{id}/items/{id}?disposalType=softDelete|hardDelete`` → 204. The simulator has no
-    recoverable-items folder: either way the item leaves the mailbox (a removal in its folder's delta)."""
-    disposal = request.query.get("disposalType")
-    if disposal not in DISPOSAL_TYPES:
-        return _err(400, "ErrorInvalidRequest", f"The query parameter 'disposalType' is required and must be one of "
-                    f"{', '.join(DISPOSAL_TYPES)} (got {disposal!r}).")
-    with mb.lock:  # the check and the delete at once: an item moved or deleted meanwhile is a 404
-        f, _ = fidelity.any_folder(mb, folder)
-        it = fidelity.find_item(mb, item_id)
-        if it is None or it.folder != f.id:
-            raise NotFound(item_id)
-        op = {"op": "delete", "ids": [it.id]} if it.id in mb.msgs else {"op": "delete_item", "ids": [it.id]}
-        srv.model.mutate(mb.user.id, [op])
-    srv.deleted_items[mb.user.id] += 1
-    return web.Response(status=204)
-
-
-def _base(srv: SimServer, mb: Mailbox) -> str:
-    return f"{srv.base_url}/v1.0/admin/exchange/mailboxes/{fidelity.mailbox_id(mb)}"
-
-
-def folder_list(srv: SimServer, request: web.Request, mb: Mailbox, parent: str) -> web.Response:
-    top = min(int(request.query.get("$top", "10")), 999)
-    skip = int(request.query.get("$skip", "0") or 0)
-    with mb.lock:
-        kids = sorted(fidelity.children(mb, parent), key=lambda f: f.id)
-        counts = fidelity.item_counts(mb)
-        page = [fidelity.folder_json(mb, f, counts) for f in kids[skip:skip + top]]
-    body: dict[str, Any] = {"@odata.context": f"{srv.base_url}/v1.0/$metadata#Collection(mailboxFolder)",
-                            "value": page}
-    if skip + top < len(kids):
-        body["@odata.nextLink"] = f"{srv.base_url}{request.path}?$top={top}&$skip={skip + top}"
-    return web.json_response(body)
-
-
-def folder_delta(srv: SimServer, request: web.Request, mb: Mailbox) -> web.Response:
-    tok = request.query.get("$deltatoken") or request.query.get("$skiptoken")
-    try:
-        state = srv.model.decode_token(mb, "__xfolders__", tok) if tok else None
-    except TokenError as e:
-        return srv._sync_state_not_found(mb, e)
-    with mb.lock:
-        changed, gone, nxt = fidelity.folder_delta(mb, state)
-        counts = fidelity.item_counts(mb)
-        value = [fidelity.folder_json(mb, f, counts) for f in changed]
-    value += [{"id": fid, "@removed": {"reason": "deleted"}} for fid in gone]
-    link = srv.model.encode_token(mb, "__xfolders__", nxt, True)
-    return web.json_response({"@odata.context": f"{srv.base_url}/v1.0/$metadata#Collection(mailboxFolder)",
-                              "value": value, "@odata.deltaLink": f"{_base(srv, mb)}/folders/delta()?$deltatoken={link}"})
-
-
-def item_delta(srv: SimServer, request: web.Request, mb: Mailbox, fid: str) -> web.Response:
-    tok = request.query.get("$skiptoken") or request.query.get("$deltatoken")
-    key = "x:" + fid  # export-API tokens are not message-delta tokens, and the other way round
-    state = None
-    if tok:
-        try:
-            body = srv.model.decode_token(mb, key, tok)
-        except TokenError as e:
-            return srv._sync_state_not_found(mb, e)
-        state = {k: body[k] for k in ("w", "hi", "ph", "c") if k in body}
-    base = f"{_base(srv, mb)}/folders/{fid}/items/delta()"
-    if state is not None and "hi" in state and srv.faults.p_empty_page and srv.rng.random() < srv.faults.p_empty_page:
-        srv.injected[mb.user.id]["empty_page"] += 1
-        return web.json_response({"value": [], "@odata.nextLink": f"{base}?$skiptoken="
-                                                                  f"{srv.model.encode_token(mb, key, state, True)}"})
-    with mb.lock:
-        upserts, removed, nxt = fidelity.delta_page(mb, fid, state, srv._page_size(request))
-        value = [fidelity.item_json(mb, it) for it in upserts]
-    value += [{"id": iid, "@removed": {"reason": "deleted"}} for iid in removed]
-    link = srv.model.encode_token(mb, key, nxt, True)
-    out: dict[str, Any] = {"@odata.context": f"{srv.base_url}/v1.0/$metadata#Collection(mailboxItem)", "value": value}
-    if "hi" in nxt:
-        out["@odata.nextLink"] = f"{base}?$skiptoken={link}"
-    else:
-        out["@odata.deltaLink"] = f"{base}?$deltatoken={link}"
-    return web.json_response(out)
-
-
 async def _json(request: web.Request, limit: int) -> tuple[dict[str, Any] | None, int, web.Response | None]:
-    from mailpipe.sim.server import _read_body, _too_large
-
-    raw, n = await _read_body(request, limit)
+    raw, n = await read_body(request, limit)
     if raw is None:
-        return None, n, _too_large(n)
+        return None, n, too_large(n)
     try:
         body = json.loads(raw or b"{}")
     except ValueError as e:
@@ -248,194 +94,332 @@ async def _json(request: web.Request, limit: int) -> tuple[dict[str, Any] | None
     return {k.lower(): v for k, v in body.items()}, n, None
 
 
-async def export_items(srv: SimServer, request: web.Request, mb: Mailbox) -> web.StreamResponse:
-    from mailpipe.sim.posted import MAX_REQUEST_BYTES
+class ExportApi:
+    """The export API's routes, a part of :class:`~mailpipe.sim.server.SimServer` (which inherits them, so
+    ``self`` is the server: its model, limits, faults and counters)."""
 
-    body, _, bad = await _json(request, MAX_REQUEST_BYTES)
-    if bad is not None:
-        return bad
-    ids = body.get("itemids")
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
-        return _err(400, "ErrorInvalidRequest", "'itemIds' must be a non-empty collection of item ids.")
-    if len(ids) > MAX_EXPORT_IDS:
-        return _err(400, "ErrorInvalidRequest", f"The maximum size of 'itemIds' is {MAX_EXPORT_IDS} "
-                    f"(got {len(ids)}).")
-    f, inj = srv.faults, srv.injected[mb.user.id]
-    with mb.lock:
-        found = [(iid, fidelity.find_item(mb, iid)) for iid in ids]
-    value = []
-    for iid, it in found:
-        status = f.fail_exports.get(iid)
-        if status is None and it is not None and f.p_export_item_error and srv.rng.random() < f.p_export_item_error:
-            status = 503
-            inj["export_item_error"] += 1
-        elif status is not None:
-            inj["fail_export"] += 1
-        if it is None:
-            status = 404
-        if status is not None:
-            code, msg = _EXPORT_ERRORS.get(int(status), _EXPORT_ERRORS[503])
-            value.append({"itemId": iid, "error": {"code": code, "message": msg}})
-            continue
+    def _x_roles_problem(self, need: tuple[str, ...]) -> web.Response | None:
+        roles = self.model.cfg.roles
+        if roles is None or any(r in roles for r in need):
+            return None
+        return _err(403, "ErrorAccessDenied", f"Missing role permissions on the request. API requires one of "
+                    f"'{', '.join(need)}'. Roles on the request '{', '.join(roles)}'.")
+
+    def x_find_mailbox(self, mbx: str) -> Mailbox:
+        for mb in self.model.mailboxes.values():
+            if fidelity.mailbox_id(mb).lower() == mbx.lower():
+                return mb
+        raise NotFound(mbx)
+
+    async def x_route(self, request: web.Request, segs: list[str], low: list[str]) -> web.StreamResponse:
+        """``segs`` = ``admin/exchange/mailboxes/{id}/...`` (already authorized)."""
+        self.total += 1
+        if len(segs) < 5:
+            return _err(400, "BadRequest", "Listing mailboxes is not supported by the simulator.")
+        try:
+            mb = self.x_find_mailbox(segs[3])
+        except NotFound:
+            self.requests["_tenant"]["other"] += 1
+            return _err(404, "ErrorInvalidMailbox", f"The mailbox '{segs[3]}' was not found.")
+        user = mb.user
+        k = kind(low, request.method)
+        self.requests[user.id][k] += 1
+        problem = self._x_roles_problem({"import_session": IMPORT_ROLES, "mailbox_create_folder": FOLDER_WRITE_ROLES,
+                                       "mailbox_item_delete": ITEM_WRITE_ROLES}.get(k, EXPORT_ROLES))
+        if problem is not None:
+            return problem
+        return await self._limited(user, lambda: self._x_route(request, mb, segs[4:], low[4:]))
+
+    async def _x_route(self, request: web.Request, mb: Mailbox, segs: list[str], low: list[str]):
+        try:
+            if request.method == "POST" and low == ["exportitems"]:
+                return await self.x_export_items(request, mb)
+            if request.method == "POST" and low == ["createimportsession"]:
+                return self.x_create_import_session(mb)
+            if request.method == "POST" and low == ["folders"]:
+                return await self.x_create_folder(request, mb, mb.root_id)
+            if request.method == "POST" and len(low) == 3 and low[0] == "folders" and low[2] == "childfolders":
+                return await self.x_create_folder(request, mb, fidelity.any_folder(mb, segs[1])[0].id)
+            if request.method == "DELETE" and len(low) == 4 and low[0] == "folders" and low[2] == "items":
+                return await self.x_delete_item(request, mb, segs[1], segs[3])
+            if request.method == "GET" and low[:1] == ["folders"]:
+                if len(low) == 1:
+                    return self.x_folder_list(request, mb, mb.root_id)
+                if low[1:] == ["delta"]:
+                    return self.x_folder_delta(request, mb)
+                f, _ = fidelity.any_folder(mb, segs[1])
+                if len(low) == 2:
+                    with mb.lock:
+                        return web.json_response(fidelity.folder_json(mb, f, fidelity.item_counts(mb)))
+                if low[2:] == ["childfolders"]:
+                    return self.x_folder_list(request, mb, f.id)
+                if low[2:] == ["items", "delta"]:
+                    return self.x_item_delta(request, mb, f.id)
+                if low[2] == "items" and len(low) == 4:
+                    it = fidelity.find_item(mb, segs[3])
+                    if it is None or it.folder != f.id:
+                        raise NotFound(segs[3])
+                    with mb.lock:
+                        return web.json_response(fidelity.item_json(mb, it))
+        except NotFound as e:
+            return _err(404, "ErrorItemNotFound", f"The specified object was not found in the store. ({e})")
+        return _err(400, "BadRequest", f"The simulator does not support {request.method} on this resource.")
+
+    async def x_delete_item(self, request: web.Request, mb: Mailbox, folder: str, item_id: str) -> web.Response:
+        """``DELETE folders/{id}/items/{id}?disposalType=softDelete|hardDelete`` → 204. The simulator has no
+        recoverable-items folder: either way the item leaves the mailbox (a removal in its folder's delta)."""
+        disposal = request.query.get("disposalType")
+        if disposal not in DISPOSAL_TYPES:
+            return _err(400, "ErrorInvalidRequest", "The query parameter 'disposalType' is required and must be one "
+                        f"of {', '.join(DISPOSAL_TYPES)} (got {disposal!r}).")
+        with mb.lock:  # the check and the delete at once: an item moved or deleted meanwhile is a 404
+            f, _ = fidelity.any_folder(mb, folder)
+            it = fidelity.find_item(mb, item_id)
+            if it is None or it.folder != f.id:
+                raise NotFound(item_id)
+            op = {"op": "delete", "ids": [it.id]} if it.id in mb.msgs else {"op": "delete_item", "ids": [it.id]}
+            self.model.mutate(mb.user.id, [op])
+        self.deleted_items[mb.user.id] += 1
+        return web.Response(status=204)
+
+    def _x_base(self, mb: Mailbox) -> str:
+        return f"{self.base_url}/v1.0/admin/exchange/mailboxes/{fidelity.mailbox_id(mb)}"
+
+    def x_folder_list(self, request: web.Request, mb: Mailbox, parent: str) -> web.Response:
+        top = min(int(request.query.get("$top", "10")), 999)
+        skip = int(request.query.get("$skip", "0") or 0)
         with mb.lock:
-            ck = fidelity.item_change_key(mb, it)
-        big = not isinstance(it, fidelity.XItem) and it.huge
-        if big:
-            import asyncio
+            kids = sorted(fidelity.children(mb, parent), key=lambda f: f.id)
+            counts = fidelity.item_counts(mb)
+            page = [fidelity.folder_json(mb, f, counts) for f in kids[skip:skip + top]]
+        body: dict[str, Any] = {"@odata.context": f"{self.base_url}/v1.0/$metadata#Collection(mailboxFolder)",
+                                "value": page}
+        if skip + top < len(kids):
+            body["@odata.nextLink"] = f"{self.base_url}{request.path}?$top={top}&$skip={skip + top}"
+        return web.json_response(body)
 
-            data = await asyncio.get_running_loop().run_in_executor(None, fidelity.stream, mb, it)
-        else:
-            data = fidelity.stream(mb, it)
-        srv.export_downloads[mb.user.id][iid] += 1
-        srv.export_bytes[mb.user.id] += len(data)
-        value.append({"itemId": iid, "changeKey": ck, "data": base64.b64encode(data).decode()})
-    out = json.dumps({"@odata.context": f"{srv.base_url}/v1.0/$metadata#Collection(microsoft.graph."
-                                        "exportItemResponse)", "value": value}).encode()
-    return await srv._send_bytes(request, mb, out, "application/json")
-
-
-async def create_folder(srv: SimServer, request: web.Request, mb: Mailbox, parent: str) -> web.Response:
-    """``POST folders`` / ``folders/{id}/childFolders`` ``{"displayName", "type"?}`` → 201 with the folder. The
-    class defaults to IPF.Note; a mail folder (IPF.Note) only under the root or another mail folder (the
-    simulator's mail routes keep a tree of their own); a sibling of the same name → 409 ErrorFolderExists."""
-    from mailpipe.sim.posted import MAX_REQUEST_BYTES
-
-    body, n, bad = await _json(request, MAX_REQUEST_BYTES)
-    if bad is not None:
-        return bad
-    refused = srv._charge_upload(mb.user.id, n)
-    if refused is not None:
-        return refused
-    name, cls = body.get("displayname"), body.get("type") or "IPF.Note"
-    if not isinstance(name, str) or not name.strip():
-        return _err(400, "ErrorInvalidRequest", "A folder needs a non-empty 'displayName'.")
-    if cls not in fidelity.ITEM_CLASS:
-        return _err(400, "ErrorInvalidRequest", f"The simulator creates folders of class "
-                    f"{', '.join(fidelity.ITEM_CLASS)} (got {cls!r}).")
-    with mb.lock:
-        if any(f.name.casefold() == name.casefold() for f in fidelity.children(mb, parent)):
-            return _err(409, "ErrorFolderExists", "A folder with the specified name already exists.")
-        if cls == "IPF.Note":
-            if parent != mb.root_id and parent not in mb.folders:
-                return _err(400, "ErrorInvalidRequest", "The simulator keeps mail folders (IPF.Note) under the "
-                            "root or another mail folder.")
-            fid = srv.model.mutate(mb.user.id, [{"op": "create_folder", "parent": parent, "name": name}])[0]
-        else:
-            fid = srv.model.mutate(mb.user.id, [{"op": "create_xfolder", "parent": parent, "name": name,
-                                                 "class": cls}])[0]
-        f, _ = fidelity.any_folder(mb, fid)
-        d = fidelity.folder_json(mb, f, fidelity.item_counts(mb))
-    srv.created_folders[mb.user.id] += 1
-    return web.json_response({"@odata.context": f"{srv.base_url}/v1.0/$metadata#mailboxFolder", **d}, status=201)
-
-
-def create_import_session(srv: SimServer, mb: Mailbox) -> web.Response:
-    token = secrets.token_urlsafe(24)
-    life = srv.limits.import_session_seconds
-    mbx = fidelity.mailbox_id(mb)
-    srv.import_sessions[token] = ImportSession(token, mb.user.id, mbx, time.monotonic() + life)
-    expires = (datetime.now(timezone.utc) + timedelta(seconds=life)).strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
-    srv.import_session_count[mb.user.id] += 1
-    return web.json_response({
-        "@odata.context": f"{srv.base_url}/v1.0/$metadata#microsoft.graph.mailboxItemImportSession",
-        "importUrl": f"{srv.upload_base_url}/api/v1.0/Mailboxes('{mbx}')/importItem?authtoken={token}",
-        "expirationDateTime": expires}, status=201)
-
-
-def expire_sessions(srv: SimServer, user_ref: str) -> int:
-    """Expire every import session of a mailbox now (``/_sim/expire_import_sessions``): their URLs answer
-    401 ``ExpiredAuthenticationToken`` from then on."""
-    uid = srv.model.user(user_ref).id
-    doomed = [t for t, s in srv.import_sessions.items() if s.user_id == uid]
-    for t in doomed:
-        srv.import_sessions.pop(t)
-        srv.expired_import_tokens[t] = uid
-    return len(doomed)
-
-
-IMPORT_PATH = re.compile(r"/api/v1\.0/Mailboxes\('([^']*)'\)/importItem/?", re.I)
-
-
-async def handle_import(srv: SimServer, request: web.Request, mbx: str) -> web.StreamResponse:
-    """POST on an import URL (the upload origin): its own token in the URL, no ``Authorization`` header."""
-    from mailpipe.sim.server import _read_body
-
-    sess = srv.import_sessions.get(request.query.get("authtoken", ""))
-    who = sess.user_id if sess else "_unknown"
-    if "Authorization" in request.headers:
-        srv.upload_with_bearer[who] += 1
-        await _read_body(request, 0)
-        return _err(401, "InvalidAudience", "This import URL is pre-authenticated (authtoken): requests to it "
-                    "must not carry an Authorization header.")
-    if sess is None and srv.expired_import_tokens.get(request.query.get("authtoken", "")):
-        srv.import_expired[srv.expired_import_tokens[request.query["authtoken"]]] += 1
-        await _read_body(request, 0)
-        return _err(401, "ExpiredAuthenticationToken", "The import URL's token has expired: create a new "
-                    "import session.")
-    if sess is None or sess.mailbox_id.lower() != unquote(mbx).lower():
-        await _read_body(request, 0)
-        return _err(401, "InvalidAuthenticationToken", "The import URL's token is not valid.")
-    if sess.expires <= time.monotonic():
-        srv.import_sessions.pop(sess.token, None)
-        srv.expired_import_tokens[sess.token] = sess.user_id
-        srv.import_expired[sess.user_id] += 1
-        await _read_body(request, 0)
-        return _err(401, "ExpiredAuthenticationToken", "The import URL's token has expired: create a new "
-                    "import session.")
-    if request.method != "POST":
-        return _err(405, "ErrorInvalidRequest", "An import URL takes POST.")
-    user = srv.model.user(sess.user_id)
-    srv.total += 1
-    srv.requests[user.id]["import"] += 1
-    return await srv._limited(user, lambda: _import(srv, request, srv.model.mailbox(user.id)))
-
-
-async def _import(srv: SimServer, request: web.Request, mb: Mailbox) -> web.Response:
-    body, n, bad = await _json(request, MAX_IMPORT_BYTES)
-    if bad is not None:
-        return bad
-    refused = srv._charge_upload(mb.user.id, n)
-    if refused is not None:
-        return refused
-    mode, fid, data_b64 = body.get("mode"), body.get("folderid"), body.get("data")
-    item_id, change_key = body.get("itemid"), body.get("changekey")
-    if mode not in ("create", "update"):
-        return _err(400, "ErrorInvalidRequest", "'Mode' must be 'create' or 'update'.")
-    if not isinstance(fid, str) or not fid or not isinstance(data_b64, str) or not data_b64:
-        return _err(400, "ErrorInvalidRequest", "'FolderId' and 'Data' are required.")
-    if mode == "create" and (item_id or change_key):
-        return _err(400, "ErrorInvalidRequest", "'ItemId' and 'ChangeKey' are not allowed in create mode.")
-    if mode == "update" and not (item_id and change_key):
-        return _err(400, "ErrorInvalidRequest", "'ItemId' and 'ChangeKey' are required in update mode.")
-    try:
-        props, _ = fidelity.decode(base64.b64decode(data_b64, validate=True))
-    except (binascii.Error, ValueError) as e:
-        return _err(400, "ErrorInvalidRequest", f"'Data' is not a valid FastTransfer stream ({e}).")
-    try:
+    def x_folder_delta(self, request: web.Request, mb: Mailbox) -> web.Response:
+        tok = request.query.get("$deltatoken") or request.query.get("$skiptoken")
+        try:
+            state = self.model.decode_token(mb, "__xfolders__", tok) if tok else None
+        except TokenError as e:
+            return self._sync_state_not_found(mb, e)
         with mb.lock:
-            f, is_mail = fidelity.any_folder(mb, fid)
-            cls = f.cls if not is_mail else "IPF.Note"
-            if not props["type"].startswith(fidelity.ITEM_CLASS[cls]):
-                return _err(400, "ErrorInvalidRequest", f"An item of class {props['type']} cannot be imported into "
-                            f"a folder of class {cls} (the simulator keeps items in folders of their class).")
-            if mode == "update":
-                it = fidelity.find_item(mb, item_id)
-                if it is None or it.folder != f.id or fidelity.item_change_key(mb, it) != change_key:
-                    return _err(400, "ErrorIrresolvableConflict", "No item with this ItemId and ChangeKey in "
-                                "the folder.")
-    except NotFound:
-        return _err(404, "ErrorItemNotFound", f"The folder '{fid}' was not found in the mailbox.")
-    op = {"op": "import_item", "folder": f.id, "data": data_b64, "at": datetime.now(timezone.utc).isoformat()}
-    if mode == "update":
-        op["id"] = item_id
-    iid = (await srv._apply(mb, [op], big=len(data_b64) > 1024 * 1024))[0]
-    srv.imported_items[mb.user.id] += 1
-    if srv.faults.p_lost_import and srv.rng.random() < srv.faults.p_lost_import:
-        from mailpipe.sim.server import _Reset
+            changed, gone, nxt = fidelity.folder_delta(mb, state)
+            counts = fidelity.item_counts(mb)
+            value = [fidelity.folder_json(mb, f, counts) for f in changed]
+        value += [{"id": fid, "@removed": {"reason": "deleted"}} for fid in gone]
+        link = self.model.encode_token(mb, "__xfolders__", nxt, True)
+        return web.json_response({"@odata.context": f"{self.base_url}/v1.0/$metadata#Collection(mailboxFolder)",
+                                  "value": value,
+                                  "@odata.deltaLink": f"{self._x_base(mb)}/folders/delta()?$deltatoken={link}"})
 
-        srv.injected[mb.user.id]["lost_import"] += 1
-        raise _Reset()  # made, but the client never hears of it
-    with mb.lock:
-        ck = fidelity.item_change_key(mb, fidelity.find_item(mb, iid))
-    return web.json_response({"@odata.context": f"{srv.upload_base_url}/api/v1.0/$metadata#microsoft.graph."
-                                                "importMailboxItemResponse", "itemId": iid, "changeKey": ck})
+    def x_item_delta(self, request: web.Request, mb: Mailbox, fid: str) -> web.Response:
+        tok = request.query.get("$skiptoken") or request.query.get("$deltatoken")
+        key = "x:" + fid  # export-API tokens are not message-delta tokens, and the other way round
+        state = None
+        if tok:
+            try:
+                body = self.model.decode_token(mb, key, tok)
+            except TokenError as e:
+                return self._sync_state_not_found(mb, e)
+            state = {k: body[k] for k in ("w", "hi", "ph", "c") if k in body}
+        base = f"{self._x_base(mb)}/folders/{fid}/items/delta()"
+        p_empty = self.faults.p_empty_page
+        if state is not None and "hi" in state and p_empty and self.rng.random() < p_empty:
+            self.injected[mb.user.id]["empty_page"] += 1
+            skip = self.model.encode_token(mb, key, state, True)
+            return web.json_response({"value": [], "@odata.nextLink": f"{base}?$skiptoken={skip}"})
+        with mb.lock:
+            upserts, removed, nxt = fidelity.delta_page(mb, fid, state, self._page_size(request))
+            value = [fidelity.item_json(mb, it) for it in upserts]
+        value += [{"id": iid, "@removed": {"reason": "deleted"}} for iid in removed]
+        link = self.model.encode_token(mb, key, nxt, True)
+        out: dict[str, Any] = {"@odata.context": f"{self.base_url}/v1.0/$metadata#Collection(mailboxItem)",
+                               "value": value}
+        if "hi" in nxt:
+            out["@odata.nextLink"] = f"{base}?$skiptoken={link}"
+        else:
+            out["@odata.deltaLink"] = f"{base}?$deltatoken={link}"
+        return web.json_response(out)
+
+    async def x_export_items(self, request: web.Request, mb: Mailbox) -> web.StreamResponse:
+        from mailpipe.sim.posted import MAX_REQUEST_BYTES
+
+        body, _, bad = await _json(request, MAX_REQUEST_BYTES)
+        if bad is not None:
+            return bad
+        ids = body.get("itemids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+            return _err(400, "ErrorInvalidRequest", "'itemIds' must be a non-empty collection of item ids.")
+        if len(ids) > MAX_EXPORT_IDS:
+            return _err(400, "ErrorInvalidRequest", f"The maximum size of 'itemIds' is {MAX_EXPORT_IDS} "
+                        f"(got {len(ids)}).")
+        f, inj = self.faults, self.injected[mb.user.id]
+        with mb.lock:
+            found = [(iid, fidelity.find_item(mb, iid)) for iid in ids]
+        value = []
+        for iid, it in found:
+            status = f.fail_exports.get(iid)
+            p_item = f.p_export_item_error
+            if status is None and it is not None and p_item and self.rng.random() < p_item:
+                status = 503
+                inj["export_item_error"] += 1
+            elif status is not None:
+                inj["fail_export"] += 1
+            if it is None:
+                status = 404
+            if status is not None:
+                code, msg = _EXPORT_ERRORS.get(int(status), _EXPORT_ERRORS[503])
+                value.append({"itemId": iid, "error": {"code": code, "message": msg}})
+                continue
+            with mb.lock:
+                ck = fidelity.item_change_key(mb, it)
+            big = not isinstance(it, fidelity.XItem) and it.huge
+            if big:
+                import asyncio
+
+                data = await asyncio.get_running_loop().run_in_executor(None, fidelity.stream, mb, it)
+            else:
+                data = fidelity.stream(mb, it)
+            self.export_downloads[mb.user.id][iid] += 1
+            self.export_bytes[mb.user.id] += len(data)
+            value.append({"itemId": iid, "changeKey": ck, "data": base64.b64encode(data).decode()})
+        out = json.dumps({"@odata.context": f"{self.base_url}/v1.0/$metadata#Collection(microsoft.graph."
+                                            "exportItemResponse)", "value": value}).encode()
+        return await self._send_bytes(request, mb, out, "application/json")
+
+    async def x_create_folder(self, request: web.Request, mb: Mailbox, parent: str) -> web.Response:
+        """``POST folders`` / ``folders/{id}/childFolders`` ``{"displayName", "type"?}`` → 201 with the folder. The
+        class defaults to IPF.Note; a mail folder (IPF.Note) only under the root or another mail folder (the
+        simulator's mail routes keep a tree of their own); a sibling of the same name → 409 ErrorFolderExists."""
+        from mailpipe.sim.posted import MAX_REQUEST_BYTES
+
+        body, n, bad = await _json(request, MAX_REQUEST_BYTES)
+        if bad is not None:
+            return bad
+        refused = self._charge_upload(mb.user.id, n)
+        if refused is not None:
+            return refused
+        name, cls = body.get("displayname"), body.get("type") or "IPF.Note"
+        if not isinstance(name, str) or not name.strip():
+            return _err(400, "ErrorInvalidRequest", "A folder needs a non-empty 'displayName'.")
+        if cls not in fidelity.ITEM_CLASS:
+            return _err(400, "ErrorInvalidRequest", f"The simulator creates folders of class "
+                        f"{', '.join(fidelity.ITEM_CLASS)} (got {cls!r}).")
+        with mb.lock:
+            if any(f.name.casefold() == name.casefold() for f in fidelity.children(mb, parent)):
+                return _err(409, "ErrorFolderExists", "A folder with the specified name already exists.")
+            if cls == "IPF.Note":
+                if parent != mb.root_id and parent not in mb.folders:
+                    return _err(400, "ErrorInvalidRequest", "The simulator keeps mail folders (IPF.Note) under the "
+                                "root or another mail folder.")
+                fid = self.model.mutate(mb.user.id, [{"op": "create_folder", "parent": parent, "name": name}])[0]
+            else:
+                fid = self.model.mutate(mb.user.id, [{"op": "create_xfolder", "parent": parent, "name": name,
+                                                     "class": cls}])[0]
+            f, _ = fidelity.any_folder(mb, fid)
+            d = fidelity.folder_json(mb, f, fidelity.item_counts(mb))
+        self.created_folders[mb.user.id] += 1
+        return web.json_response({"@odata.context": f"{self.base_url}/v1.0/$metadata#mailboxFolder", **d}, status=201)
+
+    def x_create_import_session(self, mb: Mailbox) -> web.Response:
+        token = secrets.token_urlsafe(24)
+        life = self.limits.import_session_seconds
+        mbx = fidelity.mailbox_id(mb)
+        self.import_sessions[token] = ImportSession(token, mb.user.id, mbx, time.monotonic() + life)
+        expires = (datetime.now(timezone.utc) + timedelta(seconds=life)).strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
+        self.import_session_count[mb.user.id] += 1
+        return web.json_response({
+            "@odata.context": f"{self.base_url}/v1.0/$metadata#microsoft.graph.mailboxItemImportSession",
+            "importUrl": f"{self.upload_base_url}/api/v1.0/Mailboxes('{mbx}')/importItem?authtoken={token}",
+            "expirationDateTime": expires}, status=201)
+
+    def x_expire_sessions(self, user_ref: str) -> int:
+        """Expire every import session of a mailbox now (``/_sim/expire_import_sessions``): their URLs answer
+        401 ``ExpiredAuthenticationToken`` from then on."""
+        uid = self.model.user(user_ref).id
+        doomed = [t for t, s in self.import_sessions.items() if s.user_id == uid]
+        for t in doomed:
+            self.import_sessions.pop(t)
+            self.expired_import_tokens[t] = uid
+        return len(doomed)
+
+    async def x_handle_import(self, request: web.Request, mbx: str) -> web.StreamResponse:
+        """POST on an import URL (the upload origin): its own token in the URL, no ``Authorization`` header."""
+        sess = self.import_sessions.get(request.query.get("authtoken", ""))
+        who = sess.user_id if sess else "_unknown"
+        if "Authorization" in request.headers:
+            self.upload_with_bearer[who] += 1
+            await read_body(request, 0)
+            return _err(401, "InvalidAudience", "This import URL is pre-authenticated (authtoken): requests to it "
+                        "must not carry an Authorization header.")
+        if sess is None and self.expired_import_tokens.get(request.query.get("authtoken", "")):
+            self.import_expired[self.expired_import_tokens[request.query["authtoken"]]] += 1
+            await read_body(request, 0)
+            return _err(401, "ExpiredAuthenticationToken", "The import URL's token has expired: create a new "
+                        "import session.")
+        if sess is None or sess.mailbox_id.lower() != unquote(mbx).lower():
+            await read_body(request, 0)
+            return _err(401, "InvalidAuthenticationToken", "The import URL's token is not valid.")
+        if sess.expires <= time.monotonic():
+            self.import_sessions.pop(sess.token, None)
+            self.expired_import_tokens[sess.token] = sess.user_id
+            self.import_expired[sess.user_id] += 1
+            await read_body(request, 0)
+            return _err(401, "ExpiredAuthenticationToken", "The import URL's token has expired: create a new "
+                        "import session.")
+        if request.method != "POST":
+            return _err(405, "ErrorInvalidRequest", "An import URL takes POST.")
+        user = self.model.user(sess.user_id)
+        self.total += 1
+        self.requests[user.id]["import"] += 1
+        return await self._limited(user, lambda: self._x_import(request, self.model.mailbox(user.id)))
+
+    async def _x_import(self, request: web.Request, mb: Mailbox) -> web.Response:
+        body, n, bad = await _json(request, MAX_IMPORT_BYTES)
+        if bad is not None:
+            return bad
+        refused = self._charge_upload(mb.user.id, n)
+        if refused is not None:
+            return refused
+        mode, fid, data_b64 = body.get("mode"), body.get("folderid"), body.get("data")
+        item_id, change_key = body.get("itemid"), body.get("changekey")
+        if mode not in ("create", "update"):
+            return _err(400, "ErrorInvalidRequest", "'Mode' must be 'create' or 'update'.")
+        if not isinstance(fid, str) or not fid or not isinstance(data_b64, str) or not data_b64:
+            return _err(400, "ErrorInvalidRequest", "'FolderId' and 'Data' are required.")
+        if mode == "create" and (item_id or change_key):
+            return _err(400, "ErrorInvalidRequest", "'ItemId' and 'ChangeKey' are not allowed in create mode.")
+        if mode == "update" and not (item_id and change_key):
+            return _err(400, "ErrorInvalidRequest", "'ItemId' and 'ChangeKey' are required in update mode.")
+        try:
+            props, _ = fidelity.decode(base64.b64decode(data_b64, validate=True))
+        except (binascii.Error, ValueError) as e:
+            return _err(400, "ErrorInvalidRequest", f"'Data' is not a valid FastTransfer stream ({e}).")
+        try:
+            with mb.lock:
+                f, is_mail = fidelity.any_folder(mb, fid)
+                cls = f.cls if not is_mail else "IPF.Note"
+                if not props["type"].startswith(fidelity.ITEM_CLASS[cls]):
+                    return _err(400, "ErrorInvalidRequest", f"An item of class {props['type']} cannot be imported into "
+                                f"a folder of class {cls} (the simulator keeps items in folders of their class).")
+                if mode == "update":
+                    it = fidelity.find_item(mb, item_id)
+                    if it is None or it.folder != f.id or fidelity.item_change_key(mb, it) != change_key:
+                        return _err(400, "ErrorIrresolvableConflict", "No item with this ItemId and ChangeKey in "
+                                    "the folder.")
+        except NotFound:
+            return _err(404, "ErrorItemNotFound", f"The folder '{fid}' was not found in the mailbox.")
+        op = {"op": "import_item", "folder": f.id, "data": data_b64, "at": datetime.now(timezone.utc).isoformat()}
+        if mode == "update":
+            op["id"] = item_id
+        iid = (await self._apply(mb, [op], big=len(data_b64) > 1024 * 1024))[0]
+        self.imported_items[mb.user.id] += 1
+        if self.faults.p_lost_import and self.rng.random() < self.faults.p_lost_import:
+            self.injected[mb.user.id]["lost_import"] += 1
+            raise Reset()  # made, but the client never hears of it
+        with mb.lock:
+            ck = fidelity.item_change_key(mb, fidelity.find_item(mb, iid))
+        return web.json_response({"@odata.context": f"{self.upload_base_url}/api/v1.0/$metadata#microsoft.graph."
+                                                    "importMailboxItemResponse", "itemId": iid, "changeKey": ck})

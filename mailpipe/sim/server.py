@@ -28,6 +28,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from mailpipe.sim import export_api, fidelity, posted
+from mailpipe.sim.answers import Reset, graph_error, read_body, too_large
 from mailpipe.sim.model import Mailbox, Msg, NotFound, TenantModel, TokenError
 from mailpipe.sim.posted import MAX_REQUEST_BYTES, GraphError
 
@@ -132,16 +133,6 @@ class LimitConfig:
         return _checked(cls, d, "limit")
 
 
-class _Reset(Exception):
-    """Injected fault: drop the connection without a response."""
-
-
-def graph_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    body = {"error": {"code": code, "message": message,
-                      "innerError": {"request-id": secrets.token_hex(8), "date": time.strftime("%Y-%m-%dT%H:%M:%S")}}}
-    return web.json_response(body, status=status, headers=headers)
-
-
 def _item_error(status: int, message: str) -> web.Response:
     code = _ITEM_ERRORS.get(status, "ServiceUnavailable" if status >= 500 else "ErrorInvalidRequest")
     return graph_error(status, code, message)
@@ -185,7 +176,7 @@ def _b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-class SimServer:
+class SimServer(export_api.ExportApi):
     """The aiohttp application around a :class:`TenantModel`."""
 
     def __init__(self, model: TenantModel, faults: FaultConfig, limits: LimitConfig, *, oauth: bool,
@@ -287,7 +278,7 @@ class SimServer:
             if len(segs) >= 3 and segs[-2:] == [".well-known", "openid-configuration"] and self.oauth:
                 return self.openid(request, segs[0])
             return graph_error(404, "UnknownPath", f"no such route: {request.method} {raw}")
-        except _Reset:
+        except Reset:
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError() from None
@@ -379,7 +370,7 @@ class SimServer:
             return graph_error(401, "InvalidAuthenticationToken", "Access token is empty, expired or invalid.")
         low = [s.lower() for s in segs]
         if low[:3] == ["admin", "exchange", "mailboxes"]:
-            return await export_api.route(self, request, segs, low)
+            return await self.x_route(request, segs, low)
         if not low or low[0] != "users":
             return graph_error(400, "BadRequest", "Resource not found for the segment.")
         if len(segs) == 1:
@@ -446,7 +437,7 @@ class SimServer:
                         return graph_error(503, "ServiceUnavailable", "The service is temporarily unavailable.")
                     if what == "504":
                         return graph_error(504, "GatewayTimeout", "The gateway timed out.")
-                    raise _Reset()
+                    raise Reset()
                 r -= p
             return await call()
         finally:
@@ -759,7 +750,7 @@ class SimServer:
         ``delete_folder``), drop the connection, so the client sees an incomplete body (``deleted_mid_body``)."""
         if mid is not None and mid not in mb.msgs:
             self.injected[mb.user.id]["deleted_mid_body"] += 1
-            raise _Reset()
+            raise Reset()
 
     # the write API (restore) ---------------------------------------------------------------------------------
     async def write_route(self, request: web.Request, mb: Mailbox, segs: list[str], low: list[str],
@@ -769,9 +760,9 @@ class SimServer:
         method = request.method
         raw = b""
         if method in ("POST", "PATCH", "PUT"):
-            raw, n = await _read_body(request, MAX_REQUEST_BYTES)
+            raw, n = await read_body(request, MAX_REQUEST_BYTES)
             if raw is None:
-                return _too_large(n)
+                return too_large(n)
             refused = self._charge_upload(mb.user.id, n)
             if refused is not None:
                 return refused
@@ -972,8 +963,8 @@ class SimServer:
         mi = export_api.IMPORT_PATH.fullmatch(path)
         if mi:
             try:
-                return await export_api.handle_import(self, request, mi.group(1))
-            except _Reset:
+                return await self.x_handle_import(request, mi.group(1))
+            except Reset:
                 if request.transport is not None:
                     request.transport.abort()
                 raise asyncio.CancelledError() from None
@@ -985,20 +976,20 @@ class SimServer:
         try:
             if "Authorization" in request.headers:
                 self.upload_with_bearer[who] += 1
-                await _read_body(request, 0)
+                await read_body(request, 0)
                 return graph_error(401, "InvalidAudience", "This upload URL is pre-authenticated (authtoken): "
                                    "requests to it must not carry an Authorization header.")
             if sess is None or not mt.group(1).lower().startswith(sess.user_id):
-                await _read_body(request, 0)
+                await read_body(request, 0)
                 return graph_error(404, "ErrorItemNotFound", "The upload session was not found or has expired.")
             if not secrets.compare_digest(request.query.get("authtoken", ""), sess.token):
-                await _read_body(request, 0)
+                await read_body(request, 0)
                 return graph_error(401, "InvalidAuthenticationToken", "The upload URL's token is not valid.")
             user = self.model.user(sess.user_id)
             self.total += 1
             self.requests[user.id]["upload"] += 1
             return await self._limited(user, lambda: self._upload(request, sess))
-        except _Reset:
+        except Reset:
             if request.transport is not None:
                 request.transport.abort()
             raise asyncio.CancelledError() from None
@@ -1012,9 +1003,9 @@ class SimServer:
         if request.method != "PUT":
             return graph_error(405, "ErrorInvalidRequest", "An upload URL takes PUT (a byte range) or DELETE.")
         self.upload_puts[uid] += 1
-        data, n = await _read_body(request, MAX_REQUEST_BYTES)
+        data, n = await read_body(request, MAX_REQUEST_BYTES)
         if data is None:
-            return _too_large(n)
+            return too_large(n)
         refused = self._charge_upload(uid, n)
         if refused is not None:
             return refused
@@ -1096,7 +1087,7 @@ class SimServer:
                 self.model.mutate(body["user"], [{"op": "expire_delta_tokens"}])
                 return web.json_response({"ok": True})
             if what == "expire_import_sessions":
-                return web.json_response({"expired": export_api.expire_sessions(self, body["user"])})
+                return web.json_response({"expired": self.x_expire_sessions(body["user"])})
             if what == "revoke_tokens":
                 self.revoke_tokens()
                 return web.json_response({"ok": True})
@@ -1108,22 +1099,6 @@ class SimServer:
         except (KeyError, ValueError, TypeError) as e:
             return web.json_response({"error": f"bad request: {e}"}, status=400)
         return web.json_response({"error": f"no admin route {request.method} /_sim/{what}"}, status=404)
-
-
-async def _read_body(request: web.Request, limit: int) -> tuple[bytes | None, int]:
-    """The whole request body and its length, or (None, length) when longer than ``limit`` (read to the end
-    all the same, so that the client gets the answer rather than a broken connection)."""
-    chunks, n = [], 0
-    async for chunk in request.content.iter_chunked(1 << 16):
-        n += len(chunk)
-        if n <= limit:
-            chunks.append(chunk)
-    return (b"".join(chunks) if n <= limit else None), n
-
-
-def _too_large(n: int) -> web.Response:
-    return graph_error(413, "RequestEntityTooLarge", f"The request body ({n} bytes) is over the limit of "
-                       f"{MAX_REQUEST_BYTES} bytes: add attachments over 3 MB through an upload session.")
 
 
 def _json_body(raw: bytes) -> dict[str, Any]:
