@@ -10,8 +10,6 @@ import subprocess
 import sys
 from collections import Counter
 
-import pytest
-
 from mailpipe.repo import open_repository
 from mailpipe.restore import RestoreRequest, restore_mailbox
 from mailpipe.sim import FaultConfig, write_tenants_file
@@ -410,13 +408,11 @@ def test_identical_source_items_each_get_their_own_copy_under_skip(sim_factory, 
     empty folder under ``skip``, both come back — a copy this restore just made serves one source item only."""
     import base64
 
-    from mailpipe.sim import fidelity
-
     sim = sim_factory(users=2, messages_per_mailbox=4, other_items=6, seed=54)
     a, b = [u for u in mailbox_upns(sim) if not u.startswith("shared")][:2]
     mb = sim.model.mailbox(a)
     x = sorted(mb.xitems)[0]
-    data = base64.b64encode(fidelity.stream(mb, mb.xitems[x])).decode()
+    data = base64.b64encode(mb.x_stream(mb.xitems[x])).decode()
     sim.mutate(a, [{"op": "import_item", "folder": mb.xitems[x].folder, "data": data, "at": "2026-01-05T08:00:00+00:00"}])
     t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")
     ra, = backup(t, [a])
@@ -479,13 +475,12 @@ def test_an_import_in_flight_is_not_taken_for_another_items_lost_import(sim_fact
 
     from mailpipe.graph import TransientError
     from mailpipe.graph.export import MailboxExport
-    from mailpipe.sim import fidelity
 
     sim = sim_factory(users=2, messages_per_mailbox=4, other_items=6, seed=56)
     a, b = [u for u in mailbox_upns(sim) if not u.startswith("shared")][:2]
     mb = sim.model.mailbox(a)
     x = sorted(mb.xitems)[0]
-    twice = fidelity.stream(mb, mb.xitems[x])
+    twice = mb.x_stream(mb.xitems[x])
     sim.mutate(a, [{"op": "import_item", "folder": mb.xitems[x].folder, "data": base64.b64encode(twice).decode(),
                     "at": "2026-01-05T08:00:00+00:00"}])
     t = make_tenant(sim, str(tmp_path / "repo"), content="fidelity")

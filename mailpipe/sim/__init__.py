@@ -186,10 +186,8 @@ class Simulator(_Endpoint):
 
     def mutate(self, user: str, ops: list[dict] | None = None, *, random: int = 0, seed: int = 0,
                random_items: int = 0) -> dict:
-        from mailpipe.sim import fidelity
-
         mb = self.model.mailbox(user)
-        ops = ops or (mb.random_ops(random, seed) + fidelity.random_ops(mb, random_items, seed))
+        ops = ops or (mb.random_ops(random, seed) + mb.x_random_ops(random_items, seed))
         return {"applied": self.model.mutate(user, ops), "ops": ops}
 
     def expire_delta_tokens(self, user: str) -> None:

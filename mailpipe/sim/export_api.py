@@ -107,7 +107,7 @@ class ExportApi:
 
     def x_find_mailbox(self, mbx: str) -> Mailbox:
         for mb in self.model.mailboxes.values():
-            if fidelity.mailbox_id(mb).lower() == mbx.lower():
+            if mb.x_mailbox_id().lower() == mbx.lower():
                 return mb
         raise NotFound(mbx)
 
@@ -139,7 +139,7 @@ class ExportApi:
             if request.method == "POST" and low == ["folders"]:
                 return await self.x_create_folder(request, mb, mb.root_id)
             if request.method == "POST" and len(low) == 3 and low[0] == "folders" and low[2] == "childfolders":
-                return await self.x_create_folder(request, mb, fidelity.any_folder(mb, segs[1])[0].id)
+                return await self.x_create_folder(request, mb, mb.x_any_folder(segs[1])[0].id)
             if request.method == "DELETE" and len(low) == 4 and low[0] == "folders" and low[2] == "items":
                 return await self.x_delete_item(request, mb, segs[1], segs[3])
             if request.method == "GET" and low[:1] == ["folders"]:
@@ -147,20 +147,20 @@ class ExportApi:
                     return self.x_folder_list(request, mb, mb.root_id)
                 if low[1:] == ["delta"]:
                     return self.x_folder_delta(request, mb)
-                f, _ = fidelity.any_folder(mb, segs[1])
+                f, _ = mb.x_any_folder(segs[1])
                 if len(low) == 2:
                     with mb.lock:
-                        return web.json_response(fidelity.folder_json(mb, f, fidelity.item_counts(mb)))
+                        return web.json_response(mb.x_folder_json(f, mb.x_item_counts()))
                 if low[2:] == ["childfolders"]:
                     return self.x_folder_list(request, mb, f.id)
                 if low[2:] == ["items", "delta"]:
                     return self.x_item_delta(request, mb, f.id)
                 if low[2] == "items" and len(low) == 4:
-                    it = fidelity.find_item(mb, segs[3])
+                    it = mb.x_find_item(segs[3])
                     if it is None or it.folder != f.id:
                         raise NotFound(segs[3])
                     with mb.lock:
-                        return web.json_response(fidelity.item_json(mb, it))
+                        return web.json_response(mb.x_item_json(it))
         except NotFound as e:
             return _err(404, "ErrorItemNotFound", f"The specified object was not found in the store. ({e})")
         return _err(400, "BadRequest", f"The simulator does not support {request.method} on this resource.")
@@ -173,8 +173,8 @@ class ExportApi:
             return _err(400, "ErrorInvalidRequest", "The query parameter 'disposalType' is required and must be one "
                         f"of {', '.join(DISPOSAL_TYPES)} (got {disposal!r}).")
         with mb.lock:  # the check and the delete at once: an item moved or deleted meanwhile is a 404
-            f, _ = fidelity.any_folder(mb, folder)
-            it = fidelity.find_item(mb, item_id)
+            f, _ = mb.x_any_folder(folder)
+            it = mb.x_find_item(item_id)
             if it is None or it.folder != f.id:
                 raise NotFound(item_id)
             op = {"op": "delete", "ids": [it.id]} if it.id in mb.msgs else {"op": "delete_item", "ids": [it.id]}
@@ -183,15 +183,15 @@ class ExportApi:
         return web.Response(status=204)
 
     def _x_base(self, mb: Mailbox) -> str:
-        return f"{self.base_url}/v1.0/admin/exchange/mailboxes/{fidelity.mailbox_id(mb)}"
+        return f"{self.base_url}/v1.0/admin/exchange/mailboxes/{mb.x_mailbox_id()}"
 
     def x_folder_list(self, request: web.Request, mb: Mailbox, parent: str) -> web.Response:
         top = min(int(request.query.get("$top", "10")), 999)
         skip = int(request.query.get("$skip", "0") or 0)
         with mb.lock:
-            kids = sorted(fidelity.children(mb, parent), key=lambda f: f.id)
-            counts = fidelity.item_counts(mb)
-            page = [fidelity.folder_json(mb, f, counts) for f in kids[skip:skip + top]]
+            kids = sorted(mb.x_children(parent), key=lambda f: f.id)
+            counts = mb.x_item_counts()
+            page = [mb.x_folder_json(f, counts) for f in kids[skip:skip + top]]
         body: dict[str, Any] = {"@odata.context": f"{self.base_url}/v1.0/$metadata#Collection(mailboxFolder)",
                                 "value": page}
         if skip + top < len(kids):
@@ -205,9 +205,9 @@ class ExportApi:
         except TokenError as e:
             return self._sync_state_not_found(mb, e)
         with mb.lock:
-            changed, gone, nxt = fidelity.folder_delta(mb, state)
-            counts = fidelity.item_counts(mb)
-            value = [fidelity.folder_json(mb, f, counts) for f in changed]
+            changed, gone, nxt = mb.x_folder_delta(state)
+            counts = mb.x_item_counts()
+            value = [mb.x_folder_json(f, counts) for f in changed]
         value += [{"id": fid, "@removed": {"reason": "deleted"}} for fid in gone]
         link = self.model.encode_token(mb, "__xfolders__", nxt, True)
         return web.json_response({"@odata.context": f"{self.base_url}/v1.0/$metadata#Collection(mailboxFolder)",
@@ -231,8 +231,8 @@ class ExportApi:
             skip = self.model.encode_token(mb, key, state, True)
             return web.json_response({"value": [], "@odata.nextLink": f"{base}?$skiptoken={skip}"})
         with mb.lock:
-            upserts, removed, nxt = fidelity.delta_page(mb, fid, state, self._page_size(request))
-            value = [fidelity.item_json(mb, it) for it in upserts]
+            upserts, removed, nxt = mb.x_delta_page(fid, state, self._page_size(request))
+            value = [mb.x_item_json(it) for it in upserts]
         value += [{"id": iid, "@removed": {"reason": "deleted"}} for iid in removed]
         link = self.model.encode_token(mb, key, nxt, True)
         out: dict[str, Any] = {"@odata.context": f"{self.base_url}/v1.0/$metadata#Collection(mailboxItem)",
@@ -257,7 +257,7 @@ class ExportApi:
                         f"(got {len(ids)}).")
         f, inj = self.faults, self.injected[mb.user.id]
         with mb.lock:
-            found = [(iid, fidelity.find_item(mb, iid)) for iid in ids]
+            found = [(iid, mb.x_find_item(iid)) for iid in ids]
         value = []
         for iid, it in found:
             status = f.fail_exports.get(iid)
@@ -274,14 +274,14 @@ class ExportApi:
                 value.append({"itemId": iid, "error": {"code": code, "message": msg}})
                 continue
             with mb.lock:
-                ck = fidelity.item_change_key(mb, it)
+                ck = mb.x_item_change_key(it)
             big = not isinstance(it, fidelity.XItem) and it.huge
             if big:
                 import asyncio
 
                 data = await asyncio.get_running_loop().run_in_executor(None, fidelity.stream, mb, it)
             else:
-                data = fidelity.stream(mb, it)
+                data = mb.x_stream(it)
             self.export_downloads[mb.user.id][iid] += 1
             self.export_bytes[mb.user.id] += len(data)
             value.append({"itemId": iid, "changeKey": ck, "data": base64.b64encode(data).decode()})
@@ -308,7 +308,7 @@ class ExportApi:
             return _err(400, "ErrorInvalidRequest", f"The simulator creates folders of class "
                         f"{', '.join(fidelity.ITEM_CLASS)} (got {cls!r}).")
         with mb.lock:
-            if any(f.name.casefold() == name.casefold() for f in fidelity.children(mb, parent)):
+            if any(f.name.casefold() == name.casefold() for f in mb.x_children(parent)):
                 return _err(409, "ErrorFolderExists", "A folder with the specified name already exists.")
             if cls == "IPF.Note":
                 if parent != mb.root_id and parent not in mb.folders:
@@ -318,15 +318,15 @@ class ExportApi:
             else:
                 fid = self.model.mutate(mb.user.id, [{"op": "create_xfolder", "parent": parent, "name": name,
                                                      "class": cls}])[0]
-            f, _ = fidelity.any_folder(mb, fid)
-            d = fidelity.folder_json(mb, f, fidelity.item_counts(mb))
+            f, _ = mb.x_any_folder(fid)
+            d = mb.x_folder_json(f, mb.x_item_counts())
         self.created_folders[mb.user.id] += 1
         return web.json_response({"@odata.context": f"{self.base_url}/v1.0/$metadata#mailboxFolder", **d}, status=201)
 
     def x_create_import_session(self, mb: Mailbox) -> web.Response:
         token = secrets.token_urlsafe(24)
         life = self.limits.import_session_seconds
-        mbx = fidelity.mailbox_id(mb)
+        mbx = mb.x_mailbox_id()
         self.import_sessions[token] = ImportSession(token, mb.user.id, mbx, time.monotonic() + life)
         expires = (datetime.now(timezone.utc) + timedelta(seconds=life)).strftime("%Y-%m-%dT%H:%M:%S.%f0Z")
         self.import_session_count[mb.user.id] += 1
@@ -399,14 +399,14 @@ class ExportApi:
             return _err(400, "ErrorInvalidRequest", f"'Data' is not a valid FastTransfer stream ({e}).")
         try:
             with mb.lock:
-                f, is_mail = fidelity.any_folder(mb, fid)
+                f, is_mail = mb.x_any_folder(fid)
                 cls = f.cls if not is_mail else "IPF.Note"
                 if not props["type"].startswith(fidelity.ITEM_CLASS[cls]):
                     return _err(400, "ErrorInvalidRequest", f"An item of class {props['type']} cannot be imported into "
                                 f"a folder of class {cls} (the simulator keeps items in folders of their class).")
                 if mode == "update":
-                    it = fidelity.find_item(mb, item_id)
-                    if it is None or it.folder != f.id or fidelity.item_change_key(mb, it) != change_key:
+                    it = mb.x_find_item(item_id)
+                    if it is None or it.folder != f.id or mb.x_item_change_key(it) != change_key:
                         return _err(400, "ErrorIrresolvableConflict", "No item with this ItemId and ChangeKey in "
                                     "the folder.")
         except NotFound:
@@ -420,6 +420,6 @@ class ExportApi:
             self.injected[mb.user.id]["lost_import"] += 1
             raise Reset()  # made, but the client never hears of it
         with mb.lock:
-            ck = fidelity.item_change_key(mb, fidelity.find_item(mb, iid))
+            ck = mb.x_item_change_key(mb.x_find_item(iid))
         return web.json_response({"@odata.context": f"{self.upload_base_url}/api/v1.0/$metadata#microsoft.graph."
                                                     "importMailboxItemResponse", "itemId": iid, "changeKey": ck})

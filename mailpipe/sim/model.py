@@ -35,6 +35,7 @@ from typing import Any
 from mailpipe.sim import fidelity, mime
 from mailpipe.sim import posted as posted_mod
 from mailpipe.sim import semantic
+from mailpipe.sim.items import Folder, Msg, NotFound, TokenError
 
 WELL_KNOWN = [  # (well-known name, display name)
     ("inbox", "Inbox"), ("drafts", "Drafts"), ("sentitems", "Sent Items"), ("deleteditems", "Deleted Items"),
@@ -55,14 +56,6 @@ FOLDER_WEIGHTS = {"inbox": 40, "sentitems": 15, "archive": 10, "deleteditems": 4
                   "empty": 0}
 
 
-class TokenError(Exception):
-    """An unknown, tampered or expired delta token (Graph answers 410 SyncStateNotFound)."""
-
-
-class NotFound(Exception):
-    pass
-
-
 @dataclass
 class SimConfigModel:
     tenant: str = "demo"
@@ -80,41 +73,6 @@ class SimConfigModel:
     roles: list[str] | None = None  # the app's application permissions (None: all); checked by the export API
 
 
-class Msg:
-    __slots__ = ("id", "n", "folder", "seq", "version", "is_read", "flag", "categories", "is_draft",
-                 "received", "huge", "change_n", "importance", "posted", "imported")
-
-    def __init__(self, id: str, n: int, folder: str, seq: int, received: datetime, is_draft: bool, huge: bool):
-        self.id = id
-        self.n = n
-        self.folder = folder
-        self.seq = seq
-        self.version = 0
-        self.is_read = False
-        self.flag = "notFlagged"
-        self.categories: tuple[str, ...] = ()
-        self.is_draft = is_draft
-        self.received = received
-        self.huge = huge
-        self.change_n = 0
-        self.importance = "normal"
-        self.posted: posted_mod.Posted | None = None  # content of a message created through the write API
-        self.imported: tuple[dict[str, Any], bytes] | None = None  # (properties, MIME) of an imported message
-
-
-@dataclass
-class Folder:
-    id: str
-    name: str
-    parent: str  # folder id or the root id
-    well_known: str | None = None
-    seq: int = 0
-    # (seq, message id) in sequence order; entries go stale when the message changes again
-    changes: list[tuple[int, str]] = field(default_factory=list)
-    departures: list[tuple[int, str]] = field(default_factory=list)
-    cls: str = "IPF.Note"  # folder class: IPF.Note (mail), IPF.Appointment, IPF.Contact, IPF.Task
-
-
 @dataclass
 class User:
     id: str
@@ -123,7 +81,7 @@ class User:
     kind: str  # user | shared | nomailbox
 
 
-class Mailbox:
+class Mailbox(fidelity.XMailbox):
     def __init__(self, model: TenantModel, user: User, count: int, idx: int) -> None:
         self.model = model
         self.user = user
@@ -166,7 +124,7 @@ class Mailbox:
             m = self._new_msg(keys[key], mime.received_time(rng.randrange(1 << 30), i, count),
                               is_draft=(key == "drafts"), huge=huge)
             m.is_read = rng.random() < 0.7
-        fidelity.seed(self, count)
+        self.x_seed(count)
 
     # ids ----------------------------------------------------------------------------------------------
     def _fid(self, key: str) -> str:
@@ -608,7 +566,7 @@ class Mailbox:
             if kind == "update_message":
                 return self._update(op)
             if kind in fidelity.X_OPS:
-                return fidelity.apply(self, op)
+                return self.x_apply(op)
             if kind == "expire_delta_tokens":
                 self.token_epoch += 1
                 return self.token_epoch
@@ -793,5 +751,5 @@ class TenantModel:
                     it["semantic"] = {**semantic.summarize(data), **state}
             out["mailboxes"][mb.user.upn] = {"id": uid, "folders": folders, "items": [it for _, it, _ in items]}
             if fidelity_view:
-                out["mailboxes"][mb.user.upn]["fidelity"] = fidelity.truth(mb, with_hashes)
+                out["mailboxes"][mb.user.upn]["fidelity"] = mb.x_truth(with_hashes)
         return out

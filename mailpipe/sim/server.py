@@ -27,7 +27,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from mailpipe.sim import export_api, fidelity, posted
+from mailpipe.sim import export_api, posted
 from mailpipe.sim.answers import Reset, graph_error, read_body, too_large
 from mailpipe.sim.model import Mailbox, Msg, NotFound, TenantModel, TokenError
 from mailpipe.sim.posted import MAX_REQUEST_BYTES, GraphError
@@ -471,7 +471,7 @@ class SimServer(export_api.ExportApi):
             if low == ["settings", "exchange"]:
                 return web.json_response({"@odata.context": f"{self.base_url}/v1.0/$metadata#users('{mb.user.id}')"
                                                             "/settings/exchange/$entity",
-                                          "primaryMailboxId": fidelity.mailbox_id(mb)})
+                                          "primaryMailboxId": mb.x_mailbox_id()})
             if low[:1] == ["mailfolders"]:
                 if len(segs) == 1:
                     return self.folder_list(request, mb, mb.root_id)
@@ -1073,7 +1073,7 @@ class SimServer(export_api.ExportApi):
             if what == "mutate":
                 mb = self.model.mailbox(body["user"])
                 ops = body.get("ops") or (mb.random_ops(int(body.get("random", 0)), int(body.get("seed", 0)))
-                                          + fidelity.random_ops(mb, int(body.get("random_items", 0)),
+                                          + mb.x_random_ops(int(body.get("random_items", 0)),
                                                                 int(body.get("seed", 0))))
                 applied = self.model.mutate(body["user"], ops)
                 return web.json_response({"applied": applied, "ops": ops})
