@@ -208,6 +208,13 @@ class MailboxExport:
     def _mailbox(self, mailbox_id: str) -> Any:
         return self.mb._client.admin.exchange.mailboxes.by_mailbox_id(mailbox_id)
 
+    def _folders_url(self, mailbox_id: str) -> str:
+        """The mailbox's ``folders`` URL, for requests msgraph-sdk has no builder for (sent by URL through the
+        same adapter)."""
+        from urllib.parse import quote
+
+        return f"{self.t.graph_url}/admin/exchange/mailboxes/{quote(mailbox_id, safe=':@')}/folders"
+
     async def mailbox_id(self) -> str:
         """``GET /users/{id}/settings/exchange`` → ``primaryMailboxId`` (cached)."""
         if self._mailbox_id is None:
@@ -304,7 +311,7 @@ class MailboxExport:
         from mailpipe.graph.errors import GraphError as _GE
 
         mid = await self.mailbox_id()
-        base = f"{self.t.graph_url}/admin/exchange/mailboxes/{quote(mid, safe=':@')}/folders"
+        base = self._folders_url(mid)
         url = f"{base}/{quote(parent_id, safe='')}/childFolders" if parent_id else base
         what = f"mailbox {self.mb.upn} create folder {name!r}"
         body = json.dumps({"displayName": name, **({"type": folder_class} if folder_class else {})}).encode()
@@ -345,8 +352,8 @@ class MailboxExport:
         if disposal not in ("softDelete", "hardDelete"):
             raise ValueError(f"disposal must be softDelete or hardDelete (got {disposal!r})")
         mid = await self.mailbox_id()
-        url = (f"{self.t.graph_url}/admin/exchange/mailboxes/{quote(mid, safe=':@')}/folders/"
-               f"{quote(folder_id, safe='')}/items/{quote(item_id, safe='')}?disposalType={disposal}")
+        url = (f"{self._folders_url(mid)}/{quote(folder_id, safe='')}/items/{quote(item_id, safe='')}"
+               f"?disposalType={disposal}")
         what = f"mailbox {self.mb.upn} delete item {item_id}"
         try:
             await self._call("mailbox_item_delete", lambda: self.t.request(

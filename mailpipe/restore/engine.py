@@ -30,7 +30,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Callable
 
 from mailpipe.config import TenantConfig
 from mailpipe.errors import UserError
@@ -211,9 +211,11 @@ class RestoreJob:
         r.expected_seconds = round(max(r.items_selected * 1.05 / per_second,
                                        budget.seconds_for(int(r.bytes_selected * 1.1))), 1)
 
-    async def _resume_or_pin(self, target_id: str, rid: str, **plan_extra: Any) -> set[str]:
+    async def _resume_or_pin(self, target_id: str, rid: str, on_row: Callable[[dict[str, Any]], None] | None = None,
+                             **plan_extra: Any) -> set[str]:
         """Continue restore ``rid`` from the snapshot and folder its first run pinned (returns the source
-        items it already restored), or pin them now: the plan names the snapshot (which forget then keeps)."""
+        items it already restored; ``on_row`` sees each of its progress rows as they are read), or pin them now:
+        the plan names the snapshot (which forget then keeps)."""
         req, r = self.req, self.r
         plan = await self._io(lambda: self.repo.read_restore_plan(target_id, rid))
         done: set[str] = set()
@@ -231,6 +233,8 @@ class RestoreJob:
         def read_done() -> None:
             for row in self.repo.iter_restore_progress(target_id, rid):
                 done.add(row["source"])
+                if on_row is not None:
+                    on_row(row)
 
         await self._io(read_done)
         return done
@@ -267,7 +271,7 @@ class RestoreJob:
                         await writer.aclose()
                         r.requests = mb.stats.requests
                         r.throttled = mb.stats.throttled
-                        r.upload_wait_seconds = round(writer.budget.waited, 1) if writer.budget is not None else 0.0
+                        r.upload_wait_seconds = _waited(writer)
                         await graph.release(mb.user_id)
             if self._fatal is not None:
                 raise self._fatal
@@ -542,5 +546,11 @@ class RestoreJob:
             return
         self._progress_at = time.monotonic()
         self.progress({"phase": "items", "done": self._done_items, "total": self.total, "restored": self.r.restored,
-                       "bytes_uploaded": self.r.bytes_uploaded, "upload_wait_seconds": round(writer.budget.waited, 1),
+                       "bytes_uploaded": self.r.bytes_uploaded, "upload_wait_seconds": _waited(writer),
                        "throttled": writer.mb.stats.throttled, "failed": self.r.failed_count})
+
+
+def _waited(writer: Any) -> float:
+    """Seconds the writer spent pacing for the upload budget (a fidelity restore's budget is made on its first
+    import)."""
+    return round(writer.budget.waited, 1) if writer.budget is not None else 0.0

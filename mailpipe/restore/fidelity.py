@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -100,14 +99,19 @@ class FidelityRestoreJob(RestoreJob):
         return self._ex
 
     async def _restore(self, graph: Any, mb: Any, ex: Any, rid: str) -> None:
-        done = await self._resume_or_pin(self.target_uid, rid, content="fidelity")
+        self._links: dict[str, set[str]] = {}
+        self._made_by: dict[str, set[str]] = {}
+        self._created_any: set[str] = set()
+        self._claimed: set[str] = set()
+        done = await self._resume_or_pin(self.target_uid, rid, lambda row: self._link(row, True, True),
+                                         content="fidelity")
+        await self._io(lambda: self._read_links(rid))
         folder_ids = await self._fidelity_folders(ex)
         self._index: dict[str, _Folder] = {}
         self._sha: dict[str, tuple[str | None, str]] = {}  # target item → (its change key, its stream's sha256)
         self._locks: dict[str, asyncio.Lock] = {}          # a folder's listing
         self._claim_locks: dict[str, asyncio.Lock] = {}    # a folder's decisions (what to do, claimed)
         self._streams = [asyncio.Lock() for _ in range(STREAM_STRIPES)]  # (folder, stream) → one of these
-        await self._io(lambda: self._read_links(rid))
         self._orphans: dict[str, set[str]] = {}            # copy: imported by an earlier run, not recorded
         self._gone: set[str] = set()                        # deleted by this restore (replace)
         if self.req.collisions == "copy":
@@ -151,30 +155,32 @@ class FidelityRestoreJob(RestoreJob):
 
     # -- what the target folders hold ------------------------------------------------------------------------
     def _read_links(self, rid: str) -> None:
-        """What the restores into this mailbox recorded: per source item of this source, the target items recorded
-        for it (``_links``, any status: "the same item") and those a restore *created* (``_made_by``: the only
-        ones ``replace`` may delete); every target item any restore created (``_created_any``: a copy restore's
-        baseline never makes them its own); and this restore's records (``_claimed``: a target item serves one
-        source item only)."""
-        self._links: dict[str, set[str]] = {}
-        self._made_by: dict[str, set[str]] = {}
-        self._created_any: set[str] = set()
-        self._claimed: set[str] = set()
+        """What the other restores into this mailbox recorded (this one's rows came with its resume): see
+        :meth:`_link`."""
         for other, plan in self.repo.restores_into(self.target_uid):
-            same_source = plan.get("source") == self.source_uid
-            for row in self.repo.iter_restore_progress(self.target_uid, other):
-                made, source = row.get("created"), row.get("source")
-                if not isinstance(made, str) or not made:
-                    continue
-                created = row.get("status") in ("created", "done")  # (MIME restores record "done")
-                if created:
-                    self._created_any.add(made)
-                if other == rid:
-                    self._claimed.add(made)
-                if same_source and isinstance(source, str):
-                    self._links.setdefault(source, set()).add(made)
-                    if created:
-                        self._made_by.setdefault(source, set()).add(made)
+            if other != rid:
+                same_source = plan.get("source") == self.source_uid
+                for row in self.repo.iter_restore_progress(self.target_uid, other):
+                    self._link(row, same_source, False)
+
+    def _link(self, row: dict[str, Any], same_source: bool, own: bool) -> None:
+        """One progress row of a restore into this mailbox: per source item of this source, the target items
+        recorded for it (``_links``, any status: "the same item") and those a restore *created* (``_made_by``: the
+        only ones ``replace`` may delete); every target item any restore created (``_created_any``: a copy
+        restore's baseline never makes them its own); and this restore's (``_claimed``: a target item serves one
+        source item only)."""
+        made, source = row.get("created"), row.get("source")
+        if not isinstance(made, str) or not made:
+            return
+        created = row.get("status") in ("created", "done")  # (MIME restores record "done")
+        if created:
+            self._created_any.add(made)
+        if own:
+            self._claimed.add(made)
+        if same_source and isinstance(source, str):
+            self._links.setdefault(source, set()).add(made)
+            if created:
+                self._made_by.setdefault(source, set()).add(made)
 
     async def _baseline(self, rid: str, folders: set[str]) -> None:
         """``copy``: the target folders' items before this restore's first import, kept in the repository (written
@@ -395,13 +401,3 @@ class FidelityRestoreJob(RestoreJob):
                 exp = self._session.expires_at
                 self._session_life = (exp - now).total_seconds() if exp else SESSION_MARGIN_SECONDS * 4
             return self._session
-
-    def _report(self, writer: Any) -> None:
-        if self.progress is None or time.monotonic() - self._progress_at < 5.0 and self._done_items < self.total:
-            return
-        self._progress_at = time.monotonic()
-        ex = self._ex
-        self.progress({"phase": "items", "done": self._done_items, "total": self.total, "restored": self.r.restored,
-                       "bytes_uploaded": self.r.bytes_uploaded,
-                       "upload_wait_seconds": round(ex.budget.waited, 1) if ex.budget is not None else 0.0,
-                       "throttled": ex.mb.stats.throttled, "failed": self.r.failed_count})

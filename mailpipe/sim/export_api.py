@@ -295,12 +295,9 @@ class ExportApi:
         simulator's mail routes keep a tree of their own); a sibling of the same name → 409 ErrorFolderExists."""
         from mailpipe.sim.posted import MAX_REQUEST_BYTES
 
-        body, n, bad = await _json(request, MAX_REQUEST_BYTES)
+        body, bad = await self._x_charged_json(request, mb, MAX_REQUEST_BYTES)
         if bad is not None:
             return bad
-        refused = self._charge_upload(mb.user.id, n)
-        if refused is not None:
-            return refused
         name, cls = body.get("displayname"), body.get("type") or "IPF.Note"
         if not isinstance(name, str) or not name.strip():
             return _err(400, "ErrorInvalidRequest", "A folder needs a non-empty 'displayName'.")
@@ -376,13 +373,16 @@ class ExportApi:
         self.requests[user.id]["import"] += 1
         return await self._limited(user, lambda: self._x_import(request, self.model.mailbox(user.id)))
 
+    async def _x_charged_json(self, request: web.Request, mb: Mailbox,
+                              limit: int) -> tuple[dict[str, Any], web.Response | None]:
+        """A write's JSON body, its bytes charged to the mailbox's upload budget; or the answer refusing it."""
+        body, n, bad = await _json(request, limit)
+        return body or {}, bad if bad is not None else self._charge_upload(mb.user.id, n)
+
     async def _x_import(self, request: web.Request, mb: Mailbox) -> web.Response:
-        body, n, bad = await _json(request, MAX_IMPORT_BYTES)
+        body, bad = await self._x_charged_json(request, mb, MAX_IMPORT_BYTES)
         if bad is not None:
             return bad
-        refused = self._charge_upload(mb.user.id, n)
-        if refused is not None:
-            return refused
         mode, fid, data_b64 = body.get("mode"), body.get("folderid"), body.get("data")
         item_id, change_key = body.get("itemid"), body.get("changekey")
         if mode not in ("create", "update"):
